@@ -403,3 +403,89 @@ def interpolate(keyframes: Cameras, count: int) -> Cameras:
 def _slerp(q0: Quaternion, q1: Quaternion, t: torch.Tensor) -> Quaternion:
     # kornia's Quaternion.slerp takes one scalar t; a batch of t values is done per element.
     return Quaternion(torch.stack([q0[i].slerp(q1[i], float(t[i])).data.reshape(4) for i in range(len(t))]))
+
+
+# --------------------------------------------------------------------- JSON / host formats
+def cameras_from_dict(data, width: Optional[int] = None, height: Optional[int] = None) -> Cameras:
+    """Parse the JSON written by :meth:`Cameras.to_dict` and common variants.
+
+    Accepted: ``{"width", "height", "convention"?, "cameras": [entry, ...]}`` where an entry holds one
+    of ``c2w`` (4x4 or 3x4), ``w2c`` or ``P`` (3x4 projection, pixels, OpenCV camera) and, unless
+    ``P`` is given, ``K`` (3x3 pixels) or ``fov`` (vertical degrees); ``convention`` is one of
+    opencv/opengl/blender (camera axes; blender also means a Z-up world). A bare list of entries or
+    of 3x4 projection matrices is accepted too (then width/height must come from the arguments).
+    """
+    if isinstance(data, list):
+        data = {"cameras": data}
+    if not isinstance(data, dict):
+        raise ValueError(f"camera JSON must be an object or a list, got {type(data).__name__}")
+    width, height = data.get("width", width), data.get("height", height)
+    if width is None or height is None:
+        raise ValueError("camera JSON needs 'width' and 'height' (the image size the intrinsics refer to)")
+    convention = data.get("convention", "opencv")
+    _check_convention(convention)
+    entries = data.get("cameras", data.get("projections"))
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("camera JSON needs a non-empty 'cameras' list")
+    cams = []
+    for i, entry in enumerate(entries):
+        try:
+            cams.append(_camera_from_entry(entry, int(width), int(height), convention))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"camera {i}: {exc}") from None
+    return Cameras.cat(cams)
+
+
+def _camera_from_entry(entry, width: int, height: int, convention: str) -> Cameras:
+    if isinstance(entry, list):
+        entry = {"P": entry}
+    if not isinstance(entry, dict):
+        raise ValueError("each camera must be an object with c2w, w2c or P")
+    if "P" in entry:
+        world = "z_up" if convention == "blender" else "y_up"
+        return Cameras.from_projection(_matrix(entry["P"], "P", (3, 4)), width, height, world=world)
+    if "K" in entry:
+        K = _matrix(entry["K"], "K", (3, 3))
+    elif "fov" in entry:
+        fy = focal_from_fov(math.radians(float(entry["fov"])))
+        K = pixel_K(intrinsics_from_focal(fy, width, height), width, height)
+    else:
+        raise ValueError("needs intrinsics: 'K' (3x3 pixels) or 'fov' (vertical degrees)")
+    if "c2w" in entry:
+        return Cameras.from_c2w(_matrix(entry["c2w"], "c2w"), K, width, height, convention)
+    if "w2c" in entry:
+        return Cameras.from_w2c(_matrix(entry["w2c"], "w2c"), K, width, height, convention)
+    raise ValueError("needs a pose: 'c2w', 'w2c' or 'P'")
+
+
+def _matrix(value, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
+    try:
+        m = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"'{name}' must be a matrix of numbers") from None
+    allowed = [shape] if shape else [(4, 4), (3, 4)]
+    if tuple(m.shape) not in allowed:
+        raise ValueError(f"'{name}' must be {' or '.join('x'.join(map(str, s)) for s in allowed)}, "
+                         f"got shape {'x'.join(map(str, m.shape)) or 'scalar'}")
+    return m
+
+
+def cameras_from_load3d(camera_info: dict, fov: float, width: int, height: int) -> Cameras:
+    """ComfyUI's ``LOAD3D_CAMERA`` (three.js: position, target, zoom; +Y-up world) -> Cameras.
+
+    three.js divides the tangent of the half field of view by ``zoom``; ``fov`` is the viewer's
+    vertical field of view in radians, which the camera dict does not carry.
+    """
+    try:
+        position = [float(camera_info["position"][k]) for k in "xyz"]
+        target = [float(camera_info["target"][k]) for k in "xyz"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("LOAD3D_CAMERA must have 'position' and 'target' with x, y, z numbers") from None
+    if str(camera_info.get("cameraType", "perspective")).lower() != "perspective":
+        raise ValueError(f"only perspective Load3D cameras can be converted, got {camera_info.get('cameraType')!r}")
+    zoom = float(camera_info.get("zoom", 1) or 1)
+    if zoom <= 0:
+        raise ValueError(f"LOAD3D_CAMERA zoom must be > 0, got {zoom}")
+    fy = focal_from_fov(fov) * zoom
+    c2w = look_at(torch.tensor(position), torch.tensor(target))
+    return Cameras(c2w, intrinsics_from_focal(fy, width, height), width, height)

@@ -1,0 +1,13 @@
+"""ComfyUI node classes of the pack, one module per concern; thin wrappers over nvs_core.
+
+Importing this package never needs ComfyUI (host access lives in ``nodes.host``, lazily).
+"""
+from . import nodes_camera
+
+NODE_MODULES = (nodes_camera,)
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in NODE_MODULES:
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

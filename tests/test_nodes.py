@@ -211,3 +211,37 @@ def test_metrics_node_values_and_errors():
         _node("NVSMetrics").measure(pred, gt, lpips=False, mask=torch.ones(B, 8, 8))
     with pytest.raises(ValueError, match="lpips"):
         _node("NVSMetrics").measure(pred, gt, lpips=True)
+
+
+# ----------------------------------------------------------------------------- behaviour of data nodes
+def test_procedural_scene_node_outputs_agree():
+    cams = _example("NVS_CAMERA")
+    images, masks, views = _node("NVSProceduralScene").render(seed=4, cameras=cams, background="white")
+    assert images.shape == (B, H, W, 3) and masks.shape == (B, H, W)
+    assert torch.equal(views.images, images) and len(views.cameras) == B and views.depth is not None
+    again = _node("NVSProceduralScene").render(seed=4, cameras=cams, background="white")[0]
+    assert torch.equal(again, images)
+    with pytest.raises(ValueError, match="background"):
+        _node("NVSProceduralScene").render(seed=4, cameras=cams, background="pink")
+
+
+def test_multiview_from_images_checks_counts():
+    cams = _example("NVS_CAMERA")
+    with pytest.raises(ValueError, match="one camera per image"):
+        _node("NVSMultiviewFromImages").build(_example("IMAGE")[:2], cams)
+    (views,) = _node("NVSMultiviewFromImages").build(_example("IMAGE"), cams, masks=torch.ones(1, H, W))
+    assert views.masks.shape == (B, H, W)
+    images, masks, cameras = _node("NVSMultiviewSplit").split(views)
+    assert torch.equal(images, views.images) and cameras is views.cameras
+
+
+def test_load_multiview_folder_node(tmp_path):
+    folder = _saved_folder(tmp_path)
+    views, images, masks, cams = _node("NVSLoadMultiviewFolder").load(str(folder), "", "white")
+    original = _example("NVS_MULTIVIEW")
+    assert torch.allclose(cams.c2w, original.cameras.c2w, atol=1e-6)
+    assert (images - original.images).abs().max() < 1.5 / 255
+    with pytest.raises(ValueError, match="folder"):
+        _node("NVSLoadMultiviewFolder").load("  ", "", "white")
+    with pytest.raises(FileNotFoundError):
+        _node("NVSLoadMultiviewFolder").load(str(tmp_path / "missing"), "", "white")

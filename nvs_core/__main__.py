@@ -1,0 +1,32 @@
+"""Command line: ``python -m nvs_core {demo,convert} ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import convert
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nvs_core", description="ComfyUI-NVS core tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="render the procedural demo into a folder (no model files needed)")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=3, help="procedural scene seed")
+    demo.set_defaults(func=_run_demo)
+
+    convert.add_cli(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def _run_demo(args) -> int:
+    from .demo import run
+
+    run(args.out, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

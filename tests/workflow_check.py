@@ -138,3 +138,29 @@ def validate_workflow(path: Path, mappings: Dict[str, type]) -> List[str]:
         if link_type not in ("*", outputs[src_slot]):
             errors.append(f"link {link_id}: declared type {link_type} but node {src} outputs {outputs[src_slot]}")
     return errors
+
+
+def ui_to_api(path: Path, mappings: Dict[str, type]) -> dict:
+    """Convert a UI-format workflow to the API prompt format the server runs (what the editor sends)."""
+    data = json.loads(Path(path).read_text())
+    links = {link[0]: link for link in data.get("links", [])}
+    prompt = {}
+    for node in data["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        spec = _spec(node["type"], mappings)
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        for name, decl in _declared_inputs(spec).items():
+            if _is_widget(decl):
+                inputs[name] = next(values)
+                if decl[0] == "INT" and len(decl) > 1 and decl[1].get("control_after_generate"):
+                    next(values)
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        if node["type"] == "LoadImage":
+            inputs = {"image": node["widgets_values"][0]}
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -443,22 +443,22 @@ def _camera_from_entry(entry, width: int, height: int, convention: str) -> Camer
         raise ValueError("each camera must be an object with c2w, w2c or P")
     if "P" in entry:
         world = "z_up" if convention == "blender" else "y_up"
-        return Cameras.from_projection(_matrix(entry["P"], "P", (3, 4)), width, height, world=world)
+        return Cameras.from_projection(parse_matrix(entry["P"], "P", (3, 4)), width, height, world=world)
     if "K" in entry:
-        K = _matrix(entry["K"], "K", (3, 3))
+        K = parse_matrix(entry["K"], "K", (3, 3))
     elif "fov" in entry:
         fy = focal_from_fov(math.radians(float(entry["fov"])))
         K = pixel_K(intrinsics_from_focal(fy, width, height), width, height)
     else:
         raise ValueError("needs intrinsics: 'K' (3x3 pixels) or 'fov' (vertical degrees)")
     if "c2w" in entry:
-        return Cameras.from_c2w(_matrix(entry["c2w"], "c2w"), K, width, height, convention)
+        return Cameras.from_c2w(parse_matrix(entry["c2w"], "c2w"), K, width, height, convention)
     if "w2c" in entry:
-        return Cameras.from_w2c(_matrix(entry["w2c"], "w2c"), K, width, height, convention)
+        return Cameras.from_w2c(parse_matrix(entry["w2c"], "w2c"), K, width, height, convention)
     raise ValueError("needs a pose: 'c2w', 'w2c' or 'P'")
 
 
-def _matrix(value, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
+def parse_matrix(value, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
     try:
         m = torch.as_tensor(value, dtype=torch.float64)
     except (TypeError, ValueError):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .cameras import CONVENTIONS, Cameras
+from .cameras import Cameras, cameras_from_dict, parse_matrix
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAMERA_FILES = ("cameras.json", "transforms.json", "transforms_train.json")
@@ -230,45 +230,11 @@ def _frame_file(path: Path, i: int, frame) -> Path:
                             "which does not exist")
 
 
-def _matrix(value, shapes, where: str) -> torch.Tensor:
-    try:
-        m = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        m = None
-    expected = " or ".join(f"{a}x{b}" for a, b in shapes)
-    if m is None or tuple(m.shape) not in shapes:
-        got = f"shape {list(m.shape)}" if m is not None else repr(value)[:60]
-        raise ValueError(f"{where} must be a {expected} matrix of numbers, got {got}")
-    return m
-
-
 def _our_cameras(path: Path, data: dict, img_w: int, img_h: int) -> Cameras:
-    w, h = int(data.get("width", img_w)), int(data.get("height", img_h))
-    convention = data.get("convention", "opencv")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"{path}: 'convention' must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
-    cams = []
-    for i, e in enumerate(data["cameras"]):
-        where = f"{path}: camera {i}"
-        if not isinstance(e, dict):
-            raise ValueError(f"{where} must be an object with 'c2w', 'w2c' or 'P', got {type(e).__name__}")
-        try:
-            if "P" in e:
-                P = _matrix(e["P"], [(3, 4)], f"{where} 'P'")
-                cams.append(Cameras.from_projection(P, w, h, world="z_up" if convention == "blender" else "y_up"))
-                continue
-            if "K" not in e:
-                raise ValueError(f"{where} needs pixel intrinsics 'K' (3x3) unless it gives 'P'")
-            K = _matrix(e["K"], [(3, 3)], f"{where} 'K'")
-            key = "c2w" if "c2w" in e else "w2c" if "w2c" in e else None
-            if key is None:
-                raise ValueError(f"{where} needs one of 'c2w', 'w2c' (4x4) or 'P' (3x4)")
-            pose = _matrix(e[key], [(4, 4), (3, 4)], f"{where} '{key}'")
-            make = Cameras.from_c2w if key == "c2w" else Cameras.from_w2c
-            cams.append(make(pose, K, w, h, convention=convention))
-        except ValueError as err:
-            raise ValueError(str(err) if str(err).startswith(str(path)) else f"{where}: {err}") from err
-    return Cameras.cat(cams)
+    try:
+        return cameras_from_dict(data, img_w, img_h)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _transforms_cameras(path: Path, data: dict, img_w: int, img_h: int) -> Cameras:
@@ -287,8 +253,8 @@ def _transforms_cameras(path: Path, data: dict, img_w: int, img_h: int) -> Camer
             raise ValueError(f"{where} has no intrinsics: expected 'camera_angle_x' or 'fl_x' (top level or per frame)")
         K = torch.tensor([[fx, 0, float(get("cx", w / 2))], [0, fy, float(get("cy", h / 2))], [0, 0, 1]],
                          dtype=torch.float64)
-        c2w = _matrix(frame["transform_matrix"], [(4, 4), (3, 4)], f"{where} 'transform_matrix'")
         try:
+            c2w = parse_matrix(frame["transform_matrix"], "transform_matrix")
             cams.append(Cameras.from_c2w(c2w, K, w, h, convention="blender").with_size(img_w, img_h))
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err

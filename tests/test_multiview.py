@@ -165,7 +165,7 @@ def test_load_errors_name_the_file(tmp_path):
     good = cams.to_dict()
     bad.write_text(json.dumps(dict(good, cameras=[dict(c, c2w=[[1, 0, 0], [0, 1, 0], [0, 0, 1]])
                                                   for c in good["cameras"]])))
-    with pytest.raises(ValueError, match=r"cameras.json: camera 0 'c2w' must be a 4x4 or 3x4 matrix"):
+    with pytest.raises(ValueError, match=r"cameras.json: camera 0: 'c2w' must be 4x4 or 3x4"):
         load_folder(tmp_path)
     bad.write_text(json.dumps(dict(good, cameras=good["cameras"][:1])))
     with pytest.raises(ValueError, match="lists 1 cameras without 'file' entries but .* holds 2 images"):

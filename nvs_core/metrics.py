@@ -231,7 +231,7 @@ class LPIPS(nn.Module):
             setattr(self, f"lin{i}", _Lin(c))
         self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
-        self.eval().requires_grad_(False)
+        self.train(False).requires_grad_(False)
 
     @classmethod
     def from_files(cls, vgg_path: PathLike, lin_path: PathLike) -> "LPIPS":

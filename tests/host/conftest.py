@@ -10,9 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import http.client
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -40,21 +39,29 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, url: str, log_path: Path, output_dir: Path):
-        self.url, self.log_path, self.output_dir = url, log_path, output_dir
+    """A client for the local server's HTTP API (loopback only)."""
+
+    def __init__(self, port: int, log_path: Path, output_dir: Path):
+        self.port, self.log_path, self.output_dir = port, log_path, output_dir
+
+    def _request(self, method: str, path: str, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"{}")
+        finally:
+            conn.close()
 
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
-            return json.loads(r.read())
+        status, body = self._request("GET", path)
+        if status != 200:
+            raise ConnectionError(f"GET {path} answered {status}")
+        return body
 
     def post(self, path: str, body: dict):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        return self._request("POST", path, body)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -96,13 +103,13 @@ def comfy(tmp_path_factory):
            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ComfyServer(f"http://127.0.0.1:{port}", log_path, base / "output")
+    server = ComfyServer(port, log_path, base / "output")
     deadline = time.time() + 300
     while True:
         try:
             server.get("/object_info/NVSCamera")
             break
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except (ConnectionError, OSError):
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 raise AssertionError(f"ComfyUI did not start; log tail:\n{server.log()[-4000:]}")

@@ -140,3 +140,22 @@ def test_guidance_needs_a_guidance_net(nets):
     net, _, _ = nets
     with pytest.raises(ValueError, match="gnet"):
         vs.edm_sampler(net, torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), guidance=1.5)
+
+
+def test_time_independent_encoder_features_are_computed_once():
+    torch.manual_seed(2)
+    net = build_vivid_network(dict(BASE, no_time_enc=True))
+    pixels, labels = _inputs(2, 8)
+    src, noise = vs.encode_pixels(pixels), vs.seeded_noise([4, 5], [3, 8, 8])
+    encoder_calls = []
+    hook = net.encoder.register_forward_hook(lambda *args: encoder_calls.append(1))
+
+    def without_reuse(*args, **kwargs):  # same net, but the sampler cannot see no_time_enc
+        return net(*args, **kwargs)
+
+    with torch.no_grad():
+        once = vs.edm_sampler(net, src, noise, labels, num_steps=3, progress=silent_progress)
+        assert len(encoder_calls) == 1
+        every_call = vs.edm_sampler(without_reuse, src, noise, labels, num_steps=3, progress=silent_progress)
+    hook.remove()
+    assert torch.equal(once, every_call)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -24,6 +25,7 @@ from ..checkpoints import (CheckpointError, InertObject, check_state_dict, load_
 from .precond import NVPrecond
 
 PathLike = Union[str, Path]
+log = logging.getLogger(__name__)
 
 # Constructor kwargs of the published nets as the training presets produce them. The real files'
 # ``_init_kwargs`` take precedence (e.g. whether vivid-sr has extra_attn, whether vivid-uncond
@@ -185,6 +187,7 @@ def save_vivid_converted(path: PathLike, ckpt: VividCheckpoint) -> None:
 def load_vivid_checkpoint(path: PathLike) -> VividCheckpoint:
     """A published ``.pkl`` snapshot or a converted ``.safetensors`` (+ config), detected from content."""
     fmt = sniff_format(path)
+    log.info("%s: detected %s; reading it as a VIVID checkpoint", path, fmt)
     if fmt == "pickle":
         return load_vivid_pickle(path)
     if fmt == "safetensors":

@@ -53,11 +53,7 @@ class Block(nn.Module):
         self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
         self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
-        self._add_source_projection()
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
-
-    def _add_source_projection(self) -> None:
-        """Hook for XAttnBlock: keeps ``x_attn_kv`` between ``attn_qkv`` and ``attn_proj`` in the key order."""
 
     def _residual(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = resample(x, self.resample_mode)
@@ -116,12 +112,14 @@ class XAttnBlock(Block):
     def __init__(self, *args, epipolar_attention_bias: bool = False, imsize: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.imsize = imsize
+        self.x_attn_kv = None
+        if self.num_heads:
+            self.x_attn_kv = MPConv(self.out_channels, self.out_channels * 2, kernel=[1, 1])
+            # Published key order: ..., attn_qkv, x_attn_kv, attn_proj.
+            self._modules["attn_proj"] = self._modules.pop("attn_proj")
         # Off in every published preset; the parameter exists only so such state dicts load.
         self.epipolar_mixing = (nn.Parameter(torch.zeros(4, self.num_heads))
                                 if self.num_heads and epipolar_attention_bias else None)
-
-    def _add_source_projection(self) -> None:
-        self.x_attn_kv = MPConv(self.out_channels, self.out_channels * 2, kernel=[1, 1]) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, features: torch.Tensor, emb: torch.Tensor,
                 geometry: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -142,25 +142,21 @@ def edm_sampler(net, src: torch.Tensor, noise: torch.Tensor, labels: Optional[to
     if guidance != 1 and gnet is None:
         raise ValueError("guidance != 1 needs a guidance net (gnet)")
 
-    def call_net(model, x, t, geometry):
-        extra = {}
+    def call_net(model, x, t, geometry, **extra):
         if getattr(model, "super_res", False):
             extra["conditioning_image"] = conditioning_image
             if conditioning_randn_like is not None:
                 extra["conditioning_noise"] = conditioning_randn_like(conditioning_image)
         return model(src, x, t, geometry, **extra)
 
-    features = None
+    reuse = {}
     if getattr(net, "no_time_enc", False):
         # Encoder features do not depend on the noise level: compute them once.
         ones = torch.ones(src.shape[0], dtype=dtype, device=noise.device)
-        features = net(src, torch.zeros_like(src), ones, labels, conditioning_image, return_features=True)
+        reuse["features"] = call_net(net, torch.zeros_like(src), ones, labels, return_features=True)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if features is not None:
-            D_net = net(src, x, t, labels, conditioning_image, features=features).to(dtype)
-        else:
-            D_net = call_net(net, x, t, labels).to(dtype)
+        D_net = call_net(net, x, t, labels, **reuse).to(dtype)
         if guidance == 1:
             return D_net
         D_gnet = call_net(gnet, x, t, None).to(dtype)

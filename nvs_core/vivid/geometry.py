@@ -148,3 +148,23 @@ def dataset_geometry(src_line: str, tgt_line: str, imsize: int = 64, srsize: int
         "tgt_K": tgt_K,
         "tgt2src": tgt2src,
     }
+
+
+def geometry_from_cameras(source, targets, imsize: int, translation_scale: float = 1.0) -> torch.Tensor:
+    """Standardised labels (N, 20) for generating each target view from one source view.
+
+    ``source`` (1 or N cameras) and ``targets`` (N cameras) are ``Cameras`` (OpenCV axes, as
+    VIVID's RealEstate10K poses); their intrinsics are converted the way the images are: centre
+    crop to a square, then resize to ``imsize``. ``translation_scale`` maps scene units to the
+    training data's scale (RealEstate10K's SfM units for the published models).
+    """
+    if len(source) not in (1, len(targets)):
+        raise ValueError(f"need one source camera or one per target, got {len(source)} for {len(targets)} targets")
+    if len(targets) == 0:
+        raise ValueError("no target cameras")
+    src_w2c = source.w2c[:, :3].expand(len(targets), 3, 4)
+    tgt2src = relative_pose(src_w2c, targets.w2c[:, :3]).clone()
+    tgt2src[..., 3] *= translation_scale
+    src_K = crop_resize_intrinsics(source.K(), imsize, source.height, source.width).expand(len(targets), 3, 3)
+    tgt_K = crop_resize_intrinsics(targets.K(), imsize, targets.height, targets.width)
+    return compose_geometry(tgt2src, src_K, tgt_K, imsize).to(torch.float32)

@@ -124,7 +124,8 @@ class XAttnBlock(Block):
     def forward(self, x: torch.Tensor, features: torch.Tensor, emb: torch.Tensor,
                 geometry: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.epipolar_mixing is not None:
-            raise NotImplementedError("VIVID epipolar attention bias is not implemented (off in all published presets)")
+            raise ValueError("this VIVID network uses the epipolar attention bias, which ComfyUI-NVS does not support "
+                             "(no published VIVID model uses it)")
         x = self._residual(x, emb)
         if self.num_heads:
             x = mp_sum(x, self._attention(x, source=features), t=self.attn_balance)

@@ -91,7 +91,8 @@ class NVPrecond(nn.Module):
         original does. ``features`` reuses precomputed encoder outputs.
         """
         if self.warp_depth_coor:
-            raise NotImplementedError("VIVID warp_depth_coor inputs are not implemented (off in all published presets)")
+            raise ValueError("this VIVID network expects warped depth coordinates (warp_depth_coor), which ComfyUI-NVS "
+                             "does not support (no published VIVID model uses them)")
         x = dst.to(torch.float32)
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
         geometry = self._label(geometry, x.device)

@@ -97,17 +97,18 @@ class NetiTimeLayerEncoding(nn.Module):
         v = torch.cat([torch.sin(self.w @ x), torch.cos(self.w @ x)])  # (2*num_w, N)
         return (v / v.norm(dim=0)).T
 
-    def encode_one(self, timestep: int, unet_layer: int) -> torch.Tensor:
-        """A single (t, l) pair as upstream encodes its anchors (matrix-vector product)."""
-        x = torch.tensor([timestep, unet_layer], dtype=torch.float32, device=self.w.device)
-        v = torch.cat([torch.sin(self.w @ x), torch.cos(self.w @ x)])
-        return v / v.norm()
-
     def anchor_matrix(self, num_time_anchors: int = 10, num_layers: int = NUM_UNET_LAYERS) -> torch.Tensor:
-        """Rows (t/100)*16 + l: encodings of t in 0, 100, ..., 900 and l in 0..15 (NeTI's input-layer init)."""
+        """Rows (t/100)*16 + l: encodings of t in 0, 100, ..., 900 and l in 0..15 (NeTI's input-layer init).
+
+        Upstream encodes each anchor alone; its matrix-vector products round differently from one batched
+        product, so we keep them per anchor (sin, cos and the norm batch without changing a bit).
+        """
         step = NUM_TRAIN_TIMESTEPS // num_time_anchors
-        return torch.stack([self.encode_one(t, l) for t in range(0, NUM_TRAIN_TIMESTEPS, step)
-                            for l in range(num_layers)])
+        anchors = [torch.tensor([t, l], dtype=torch.float32, device=self.w.device)
+                   for t in range(0, NUM_TRAIN_TIMESTEPS, step) for l in range(num_layers)]
+        projected = torch.stack([self.w @ x for x in anchors])
+        v = torch.cat([torch.sin(projected), torch.cos(projected)], dim=1)
+        return v / v.norm(dim=1, keepdim=True)
 
 
 # ------------------------------------------------------------------------------------ shared bits

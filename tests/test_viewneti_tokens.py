@@ -63,7 +63,8 @@ def _write_calibration(folder, count=4, skip=None):
         if n == skip:
             continue
         P = torch.tensor(CAM0, dtype=torch.float64) * (1 + 0.01 * n)
-        (folder / f"pos_{n:03d}.txt").write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in P.tolist()) + "\n")
+        lines = [" ".join(f"{v:.6f}" for v in row) for row in P.tolist()]
+        (folder / f"pos_{n:03d}.txt").write_text("\n".join(lines) + "\n")
     return folder
 
 

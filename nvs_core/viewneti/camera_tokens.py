@@ -9,8 +9,9 @@ DTU (what the published checkpoints use):
   the min/max of the *raw* float32 matrices of all calibration files, without clamping.
 
 DTU's world and ours: DTU's scan frame (millimetres) has +Y pointing down and +Z pointing away from
-the cameras, like an OpenCV camera standing in front of the scene. Our world is +Y up, so a DTU point
-(x, y, z) is (x, -y, -z) here: a 180 degree turn about X, exact in floating point, units kept in mm.
+the cameras, like an OpenCV camera standing in front of the scene (pos_001.txt's image-down axis is
+DTU +Y, its viewing axis mostly +Z). Our world is +Y up, so a DTU point (x, y, z) is (x, -y, -z) here:
+a 180 degree turn about X, exact in floating point, units kept in mm.
 Tokens are always made from the DTU-convention matrices; :class:`DTUCalibration` keeps the files'
 float32 numbers, because going through ``Cameras`` drops DTU's tiny pixel skew and the matrix scale.
 
@@ -331,7 +332,8 @@ def format_spherical_view_token(theta: float, phi: float, radius: float,
 
 def parse_spherical_view_token(token: str) -> Tuple[float, float, float]:
     """(theta, phi, r) of ``<view_{theta}_{phi}_{r}>`` as Python floats."""
-    parts = token[6:-1].split("_") if isinstance(token, str) and token.startswith("<view_") and token.endswith(">") else []
+    wrapped = isinstance(token, str) and token.startswith("<view_") and token.endswith(">")
+    parts = token[6:-1].split("_") if wrapped else []
     if len(parts) != 3 or is_dtu_view_token(token):
         raise ValueError(f"not a spherical view token: {str(token)[:80]!r}; expected <view_{{theta}}_{{phi}}_{{r}}>")
     theta, phi, radius = (token_text_to_number(p) for p in parts)

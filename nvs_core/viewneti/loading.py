@@ -103,8 +103,9 @@ def read_mapper_file(path: PathLike) -> MapperFile:
     """Read a published ViewNeTI (view or object) or NeTI mapper ``.pt`` safely."""
     obj = safe_torch_load(path, VIEWNETI_PICKLE_ALLOWED)
     if not isinstance(obj, Mapping) or not isinstance(obj.get("cfg"), Mapping):
+        found = f"top-level keys {list(obj)[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise CheckpointError(path, "expected a ViewNeTI/NeTI mapper checkpoint: a dict with 'cfg' and 'mappers' "
-                                    f"(ViewNeTI) or 'state_dict' (NeTI); top-level keys {list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__}")
+                                    f"(ViewNeTI) or 'state_dict' (NeTI); found {found}")
     cfg = dict(obj["cfg"])
     if "mappers" in obj:
         mappers = obj["mappers"]
@@ -178,6 +179,8 @@ def build_mapper(kind: str, constructor: Mapping[str, Any], state_dict: Mapping[
     """A mapper in inference mode with its weights loaded strictly (errors name ``source`` and the key)."""
     options = options or ViewNetiLoadOptions()
     if kind == "neti":
+        if fourier_w is None:  # upstream drew it unseeded: nothing could regenerate it
+            raise CheckpointError(source, "a NeTI mapper needs its encoder matrix 'encoder.w' (1024, 2)")
         mapper = NetiMapper(**constructor, encoder_w=fourier_w)
     else:
         mapper = ViewNetiMapper(**constructor)
@@ -229,7 +232,8 @@ def load_mapper_file(path: PathLike, options: Optional[ViewNetiLoadOptions] = No
 # ----------------------------------------------------------------------------- learned embeds
 
 def load_learned_embeds(path: PathLike) -> Dict[str, torch.Tensor]:
-    """``learned_embeds*.bin`` (torch, weights only) or a safetensors file: {token: (D,) tensor}, file order.
+    """``learned_embeds*.bin`` (torch, weights only) or a safetensors file: {token: (D,) tensor}, in file
+    order (safetensors files list their keys sorted).
 
     In ViewNeTI these rows are only a token registry (the super-category embeddings): the mappers
     overwrite them. Their order is the training view tokens by camera index, then the object tokens.
@@ -349,7 +353,7 @@ def convert_mapper_file(path: PathLike, options: Optional[ViewNetiLoadOptions] =
     config = {"method": METHOD, "class": "NetiMapper" if mfile.kind == "neti" else "ViewNetiMapper",
               "constructor": constructor,
               "meta": {"kind": mfile.kind, "entries": entries, "cfg": mfile.cfg, "options": options.to_dict(),
-                       "source": Path(path).name, "source_format": "torch_zip"}}
+                       "source": Path(path).name, "source_format": sniff_format(path)}}
     return tensors, config
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -75,7 +77,8 @@ def _viewneti_mapper(case: dict, method_dir: Path, kind: str):
     kwargs = viewneti_mapper_kwargs(_cfg(method_dir), kind)
     expected = case["constructor_kwargs"]
     sigmas = expected["pe_sigmas"]
-    assert kwargs["sigmas"] == [sigmas["sigma_t"], sigmas["sigma_l"]] + ([sigmas["sigma_dtu12"]] * 12 if kind == "view" else [])
+    view_sigmas = [sigmas["sigma_dtu12"]] * 12 if kind == "view" else []
+    assert kwargs["sigmas"] == [sigmas["sigma_t"], sigmas["sigma_l"]] + view_sigmas
     assert kwargs["target_norm"] == expected["norm_scale"] == case["scalars"]["target_norm"]
     assert kwargs["bypass_alpha"] == expected["output_bypass_alpha"] == case["scalars"]["alpha"]
     assert kwargs["word_dim"] == expected["output_dim"] and kwargs["hidden_dim"] == expected["arch_mlp_hidden_dims"]
@@ -141,18 +144,22 @@ def object_mapper_case(case: dict, method_dir: Path) -> None:
 def neti_mapper_case(case: dict, method_dir: Path) -> None:
     t = _tensors(method_dir / case["file"])
     ck = case["constructor_kwargs"]
-    cfg = {"model": {"target_norm": ck["norm_scale"], "pe_sigmas": ck["pe_sigmas"], "output_bypass": ck["output_bypass"],
-                     "use_nested_dropout": ck["use_nested_dropout"], "nested_dropout_prob": ck["nested_dropout_prob"],
-                     "num_pe_time_anchors": ck["num_pe_time_anchors"], "use_positional_encoding": True}}
+    cfg = {"model": {"target_norm": ck["norm_scale"], "pe_sigmas": ck["pe_sigmas"],
+                     "output_bypass": ck["output_bypass"], "use_nested_dropout": ck["use_nested_dropout"],
+                     "nested_dropout_prob": ck["nested_dropout_prob"], "num_pe_time_anchors": ck["num_pe_time_anchors"],
+                     "use_positional_encoding": True}}  # a NeTI run config with the case's values
     kwargs = neti_mapper_kwargs(cfg, ck["output_dim"], ck["num_w"])
-    assert kwargs["hidden_dim"] == ck["hidden"] and kwargs["bypass_alpha"] == case["scalars"]["bypass_alpha_in_text_encoder"]
+    assert kwargs["hidden_dim"] == ck["hidden"]
+    assert kwargs["bypass_alpha"] == case["scalars"]["bypass_alpha_in_text_encoder"]
     mapper = NetiMapper(**kwargs, encoder_w=t["input.encoder_W"]).train(False)
     sd = _state_dict(t)
     # The input layer starts at the anchor encodings, and is registered twice.
     _assert_close(case, "anchors", mapper.input_layer.weight, sd["input_layer.weight"], (1e-6, 1e-5))
-    assert torch.equal(sd["input_layer.weight"], sd["net.0.weight"]) and torch.equal(sd["input_layer.bias"], sd["net.0.bias"])
+    assert torch.equal(sd["input_layer.weight"], sd["net.0.weight"])
+    assert torch.equal(sd["input_layer.bias"], sd["net.0.bias"])
     manifest = json.loads((method_dir / "manifests" / "neti_mapper.json").read_text())
-    assert [(k, list(v.shape)) for k, v in mapper.state_dict().items()] == [(k, s) for k, s, _ in manifest["state_dict"]]
+    layout = [(k, list(v.shape)) for k, v in mapper.state_dict().items()]
+    assert layout == [(k, shape) for k, shape, _ in manifest["state_dict"]]
     mapper = build_mapper("neti", kwargs, sd, t["input.encoder_W"], source=case["file"])
     with torch.no_grad():
         encoding = mapper.encoder(t["input.t"], t["input.l"])
@@ -208,6 +215,13 @@ def text_encoder_case(case: dict, method_dir: Path) -> None:
 
 # ------------------------------------------------------------------------ e: checkpoint format
 
+def _storage_locations(path: Path) -> set:
+    """Devices named in a torch zip file's storage ids (read with pickletools: nothing is built)."""
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    return {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str) and arg.startswith(("cuda", "cpu"))}
+
+
 def checkpoint_load_case(case: dict, method_dir: Path) -> None:
     t = _tensors(method_dir / case["file"])
     cfg = _cfg(method_dir)
@@ -215,6 +229,7 @@ def checkpoint_load_case(case: dict, method_dir: Path) -> None:
     for kind in ("view", "object"):
         path = method_dir / case["files"][kind]
         structure = case["structure"][kind]
+        assert _storage_locations(path) == {"cuda:0"}, "the fixture exercises CUDA-tagged storages"
         # torch's own weights-only load refuses the pickled encoder class; ours reads it as data.
         try:
             load_torch_weights(path)

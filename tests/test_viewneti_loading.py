@@ -198,6 +198,20 @@ def test_converter_command_line_round_trip(tmp_path, upstream_classes):
         assert list(loaded.mappers[token].state_dict()) == list(mapper.state_dict())
 
 
+def test_learned_embeds_convert_keeping_their_order(tmp_path):
+    rows = torch.randn(3, 8)
+    tokens = ["<view_dtu12d_cam25_x>", "<view_dtu12d_cam3_x>", "<object>"]  # not alphabetical
+    src = tmp_path / "learned_embeds-steps-10.bin"
+    torch.save({token: rows[i] for i, token in enumerate(tokens)}, src)  # row views of one storage
+    assert [v.storage_offset() for v in load_learned_embeds(src).values()] == [0, 8, 16]
+    out = tmp_path / "embeds.safetensors"
+    convert(src, "viewneti", out)
+    embeds = load_learned_embeds(out)
+    assert list(embeds) == tokens and all(torch.equal(embeds[t], rows[i]) for i, t in enumerate(tokens))
+    with pytest.raises(CheckpointError, match="token registry, not a mapper checkpoint"):
+        read_mapper_file(src)
+
+
 @pytest.mark.skipif(not (GOLDEN / "checkpoints").is_dir(), reason="golden ViewNeTI checkpoints not found")
 def test_golden_files_convert_and_reload(tmp_path):
     src = GOLDEN / "checkpoints" / "mapper-steps-10_view.pt"

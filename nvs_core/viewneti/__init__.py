@@ -7,6 +7,17 @@
 - ``loading``: safe reading of ``mapper-steps-N_{view,object}.pt``, NeTI ``mapper-steps-N.pt`` and
   ``learned_embeds*.bin``, the bundle :class:`ViewNetiModel`, and the "viewneti" converter;
 - ``text``: CLIP text encoding with the mapper outputs injected (keys and values contexts).
+
+Published bugs and quirks, and what we do:
+- the view mapper is given ``output_bypass_alpha_object`` (``CheckpointHandler.load_mapper``):
+  reproduced by default, ``ViewNetiLoadOptions(view_alpha_from_object=False)`` uses the view's own;
+- ``load_mapper`` leaves alpha unset (and crashes) for configs without ``bypass_unconstrained_*``:
+  fixed, such configs load with the stored alphas (0.2 if absent);
+- the Fourier matrix is regenerated from seed 0 and the pickled one ignored: we take the pickled one
+  (identical in every file the published code wrote), ``fourier_matrix="seed0"`` follows upstream;
+- building a mapper reseeds the global torch RNG: not reproduced (a private generator draws W);
+- the DTU inference scripts crash for non-mode-3 checkpoints (``eval_placeholder_object_tokens=None``
+  iterated, ``results`` used before assignment): not applicable here, there is no inference loop.
 """
 from .camera_tokens import (DTUCalibration, DTUCameraRange, SphericalViewRange, cameras_from_dtu_projections,
                             dtu_projections_from_cameras, dtu_view_tokens_for_cameras, format_dtu_view_token,

@@ -101,7 +101,18 @@ def _encoder_data(encoder, path, what) -> Tuple[Optional[torch.Tensor], str, Opt
 
 def read_mapper_file(path: PathLike) -> MapperFile:
     """Read a published ViewNeTI (view or object) or NeTI mapper ``.pt`` safely."""
-    obj = safe_torch_load(path, VIEWNETI_PICKLE_ALLOWED)
+    return _mapper_file_from(safe_torch_load(path, VIEWNETI_PICKLE_ALLOWED), path)
+
+
+def _is_token_registry(obj) -> bool:
+    return (isinstance(obj, Mapping) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim == 1 for k, v in obj.items()))
+
+
+def _mapper_file_from(obj, path) -> MapperFile:
+    if _is_token_registry(obj):
+        raise CheckpointError(path, "this is a learned_embeds token registry, not a mapper checkpoint "
+                                    "(read it with load_learned_embeds)")
     if not isinstance(obj, Mapping) or not isinstance(obj.get("cfg"), Mapping):
         found = f"top-level keys {list(obj)[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise CheckpointError(path, "expected a ViewNeTI/NeTI mapper checkpoint: a dict with 'cfg' and 'mappers' "
@@ -240,7 +251,10 @@ def load_learned_embeds(path: PathLike) -> Dict[str, torch.Tensor]:
     """
     fmt = sniff_format(path)
     if fmt == "safetensors":
-        embeds = load_safetensors(path)[0]
+        embeds, metadata = load_safetensors(path)
+        order = _converted_token_order(path, metadata)
+        if order is not None and sorted(order) == sorted(embeds):
+            embeds = {token: embeds[token] for token in order}
     else:
         embeds = load_torch_weights(path)
     if not isinstance(embeds, Mapping) or not embeds:
@@ -249,6 +263,14 @@ def load_learned_embeds(path: PathLike) -> Dict[str, torch.Tensor]:
         if not isinstance(token, str) or not isinstance(value, torch.Tensor) or value.ndim != 1:
             raise CheckpointError(path, f"entry {token!r}: expected a token string mapped to a 1-d embedding")
     return dict(embeds)
+
+
+def _converted_token_order(path, metadata) -> Optional[List[str]]:
+    # Our converter records the file order, which safetensors' sorted keys lose.
+    if "nvs_config" not in metadata and not Path(path).with_suffix(".json").is_file():
+        return None
+    tokens = (load_with_config(path)[1].get("meta") or {}).get("tokens")
+    return list(tokens) if isinstance(tokens, list) else None
 
 
 def split_view_and_object_tokens(tokens: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -333,15 +355,21 @@ def _entry_prefix(index: int) -> str:
     return f"mappers.{index}."
 
 
-def convert_mapper_file(path: PathLike, options: Optional[ViewNetiLoadOptions] = None
-                        ) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Converter for ``nvs_core.convert``: a published mapper ``.pt`` -> (tensors, config).
+def convert_viewneti_file(path: PathLike, options: Optional[ViewNetiLoadOptions] = None
+                          ) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Converter for ``nvs_core.convert``: a published mapper ``.pt`` or ``learned_embeds*.bin``.
 
-    Tensors: ``mappers.{i}.<original key>`` and ``mappers.{i}.encoder.w``; the config holds the
+    Mappers: tensors ``mappers.{i}.<original key>`` and ``mappers.{i}.encoder.w``; the config holds the
     constructor kwargs, the kind, each mapper's placeholder token and stored key, and the full cfg.
+    Learned embeds: the token -> vector dict, with the file's token order in the config.
     """
     options = options or ViewNetiLoadOptions()
-    mfile = read_mapper_file(path)
+    obj = safe_torch_load(path, VIEWNETI_PICKLE_ALLOWED)
+    source = {"source": Path(path).name, "source_format": sniff_format(path)}
+    if _is_token_registry(obj):
+        return dict(obj), {"method": METHOD, "class": "LearnedEmbeds",
+                           "meta": {"kind": "learned_embeds", "tokens": list(obj), **source}}
+    mfile = _mapper_file_from(obj, path)
     constructor = mapper_constructor(mfile, options)
     tensors, entries = {}, []
     for i, entry in enumerate(mfile.entries):
@@ -353,7 +381,7 @@ def convert_mapper_file(path: PathLike, options: Optional[ViewNetiLoadOptions] =
     config = {"method": METHOD, "class": "NetiMapper" if mfile.kind == "neti" else "ViewNetiMapper",
               "constructor": constructor,
               "meta": {"kind": mfile.kind, "entries": entries, "cfg": mfile.cfg, "options": options.to_dict(),
-                       "source": Path(path).name, "source_format": sniff_format(path)}}
+                       **source}}
     return tensors, config
 
 
@@ -389,7 +417,7 @@ def read_any_mapper_file(path: PathLike) -> MapperFile:
 def _register_converter() -> None:
     from ..convert import register_converter
 
-    register_converter(METHOD, convert_mapper_file)
+    register_converter(METHOD, convert_viewneti_file)
 
 
 _register_converter()

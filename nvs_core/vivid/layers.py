@@ -81,6 +81,11 @@ class MPConv(nn.Module):
     W_eff = normalize(W) * gain / sqrt(fan_in)  (Eq. 47), computed in float32 at every call, then cast
     to the input dtype. A 0-d float16 ``gain`` makes ``gain / sqrt(fan_in)`` round to float16, as the
     original does when it runs a float16 checkpoint unconverted on the CPU.
+
+    In training mode the stored weight is first replaced by normalize(W) (forced weight
+    normalisation, Eq. 66): it keeps every output channel at unit magnitude so that Adam's
+    steps stay a fixed fraction of the weight. It changes no output: W_eff depends only on
+    the direction of each row.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
@@ -89,7 +94,11 @@ class MPConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
-        w = normalize(self.weight.to(torch.float32))
+        w = self.weight.to(torch.float32)
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
+        w = normalize(w)
         fan_in = w[0].numel()
         w = w * (gain / math.sqrt(fan_in))
         w = w.to(x.dtype)

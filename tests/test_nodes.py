@@ -34,6 +34,9 @@ def _example(kind: str):
     if kind == "NVS_MULTIVIEW":
         node = pack.NODE_CLASS_MAPPINGS["NVSProceduralScene"]()
         return node.render(seed=1, cameras=_example("NVS_CAMERA"), background="white")[2]
+    if kind == "NVS_VIVID":  # tiny random base + guidance + SR nets, in memory
+        from tests.test_nodes_vivid import tiny_vivid_models
+        return tiny_vivid_models()
     raise KeyError(kind)
 
 
@@ -41,7 +44,17 @@ def _example(kind: str):
 OVERRIDES = {
     "NVSCameraFromJSON": lambda tmp: {"camera_json": json.dumps(_example("NVS_CAMERA").to_dict())},
     "NVSLoadMultiviewFolder": lambda tmp: {"folder": str(_saved_folder(tmp))},
+    "NVSVIVIDLoader": lambda tmp: {"base_model": str(_tiny_vivid_file(tmp))},
+    "NVSVIVIDSampler": lambda tmp: {"source_image": _example("IMAGE")[:1], "source_camera": _example("NVS_CAMERA")[0],
+                                    "steps": 2},
+    "NVSVIVIDTrain": lambda tmp: {"network": "tiny 16px", "steps": 2, "batch_size": 2},
 }
+
+
+def _tiny_vivid_file(tmp):
+    from tests.test_nodes_vivid import BASE, save_tiny
+
+    return save_tiny(tmp, "vivid-tiny.safetensors", BASE)
 
 
 def _saved_folder(tmp):
@@ -57,7 +70,7 @@ def _inputs(node_id, cls, tmp):
         for name, decl in spec.get(section, {}).items():
             kind, opts = decl[0], (decl[1] if len(decl) > 1 else {})
             if isinstance(kind, list):
-                values[name] = opts.get("default", kind[0])
+                values[name] = opts.get("default", kind[0] if kind else None)  # model lists may be empty
             elif kind in WIDGETS:
                 values[name] = opts["default"]
             elif section == "required":
@@ -102,9 +115,12 @@ def test_node_interface(node_id, cls):
 
 
 @pytest.mark.parametrize("node_id,cls", NODES, ids=[n for n, _ in NODES])
-def test_node_runs(node_id, cls, tmp_path):
+def test_node_runs(node_id, cls, tmp_path, monkeypatch):
     if _needs_host(cls):
         pytest.skip(f"{node_id} needs ComfyUI model objects: covered in tests/host")
+    # Nodes that write files (training, saving) write below tmp_path.
+    monkeypatch.setenv("NVS_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("NVS_OUTPUT_DIR", str(tmp_path / "output"))
     result = getattr(cls(), cls.FUNCTION)(**_inputs(node_id, cls, tmp_path))
     if isinstance(result, dict):
         assert all(isinstance(v, list) for v in result.get("ui", {}).values())

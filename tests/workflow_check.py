@@ -11,6 +11,7 @@ from typing import Dict, List
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
+MODEL_FILES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 # The few core nodes our workflows use, declared like pack nodes (ComfyUI 0.8.0 definitions).
 CORE_NODES = {
@@ -51,7 +52,10 @@ def _check_value(name: str, decl: tuple, value) -> List[str]:
     kind, opts = decl[0], (decl[1] if len(decl) > 1 else {})
     errors = []
     if isinstance(kind, list):
-        if value not in kind:
+        # Model-file combos (options carry "nvs_model_folder") list whatever is installed: any file name
+        # with a model extension is valid in a shared workflow.
+        model_file = opts.get("nvs_model_folder") and isinstance(value, str) and value.lower().endswith(MODEL_FILES)
+        if value not in kind and not model_file:
             errors.append(f"{name}={value!r} is not one of {kind}")
     elif kind in ("INT", "FLOAT"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):

@@ -91,7 +91,11 @@ def comfy(tmp_path_factory):
     os.symlink(ROOT, base / "custom_nodes" / PACK_DIR_NAME)
     for sub in ("output", "input", "user"):
         (base / sub).mkdir()
-    (base / "extra_model_paths.yaml").write_text(f"nvs_host_test:\n  base_path: {base}\n  custom_nodes: custom_nodes/\n")
+    # The pack's model folders under base/models/nvs/<method>/, where host tests put their tiny models.
+    model_keys = "".join(f"  nvs_{m}: models/nvs/{m}/\n" for m in ("viewneti", "nvs_adapter", "genvs", "vivid",
+                                                                   "realfusion", "lpips"))
+    (base / "extra_model_paths.yaml").write_text(f"nvs_host_test:\n  base_path: {base}\n  custom_nodes: custom_nodes/\n"
+                                                 + model_keys)
     port = _free_port()
     log_path = base / "server.log"
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)

@@ -1,0 +1,58 @@
+"""The demo: the committed VIVID demo model on a held-out procedural object (few sampler steps here)."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from nvs_core import demo
+from nvs_core.checkpoints import load_with_config
+from nvs_core.vivid.data import EVAL_SEEDS, TRAIN_SEEDS
+from nvs_core.vivid.demo_model import DEMO_MODEL_PATH, load_demo_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_writes_grid_orbit_and_metrics(tmp_path, capsys):
+    summary = demo.run(tmp_path, seed=3, views=4, num_steps=3)
+    for name in ("grid.png", "orbit.gif", "metrics.json", "cameras.png", "cameras.json"):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for method in ("model", "copy_source"):
+        assert set(metrics[method]) == {"psnr", "ssim"}
+        assert all(math.isfinite(v) for v in metrics[method].values())
+        assert metrics[method] == summary[method]
+    assert metrics["scene_seed"] == EVAL_SEEDS[3] and metrics["scene_seed"] not in TRAIN_SEEDS
+    assert metrics["views"] == 4 and metrics["num_steps"] == 3
+    size = metrics["size"] * 4 + 2  # 4x enlarged views with 2-px gaps
+    assert Image.open(tmp_path / "grid.png").size == (4 * size + 2, 3 * size + 2)
+    with Image.open(tmp_path / "orbit.gif") as gif:
+        assert gif.n_frames == 5  # the input plus 4 novel views
+    out = capsys.readouterr().out
+    assert "copy_source" in out and "model" in out
+
+
+def test_demo_seeds_are_held_out():
+    assert demo.held_out_seed(3) == EVAL_SEEDS[3]
+    assert demo.held_out_seed(EVAL_SEEDS[7]) == EVAL_SEEDS[7]
+
+
+def test_committed_demo_model_is_small_and_reproducible():
+    assert DEMO_MODEL_PATH.stat().st_size <= 20 * 1024 * 1024
+    _, config = load_with_config(DEMO_MODEL_PATH)
+    assert config["method"] == "vivid" and config["constructor"]["img_resolution"] == 32
+    assert "nvs_core.vivid.training" in config["meta"]["reproduce"]
+    net, translation_scale = load_demo_model()
+    assert not net.training and translation_scale == config["meta"]["training"]["translation_scale"]
+
+
+def test_missing_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="demo VIVID model"):
+        load_demo_model(tmp_path / "absent.safetensors")

@@ -230,7 +230,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def build_network(kwargs: Dict[str, Any], seed: int, device: Union[str, torch.device] = "cpu") -> NVPrecond:
     """A freshly initialised NVPrecond, its random weights and Fourier buffers fixed by ``seed``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: leaves the caller's CUDA RNG alone
         net = NVPrecond(**copy.deepcopy(kwargs))
     return net.to(device)
 

@@ -24,7 +24,7 @@ import torch
 from ..nvs_core.cameras import Cameras
 from ..nvs_core.checkpoints import CheckpointError
 from ..nvs_core.multiview import MultiView
-from ..nvs_core.progress import Progress
+from ..nvs_core.progress import shared as shared_progress
 from ..nvs_core.vivid import loading
 from ..nvs_core.vivid import sampler as vivid_sampler
 from ..nvs_core.vivid import training
@@ -275,20 +275,6 @@ def crop_and_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255)
 
 
-class _SharedBar(Progress):
-    """Advances one outer bar from several inner loops without closing it."""
-
-    def __init__(self, outer: Progress):
-        super().__init__(outer.total, outer.desc)
-        self._outer = outer
-
-    def check(self) -> None:
-        self._outer.check()
-
-    def update(self, n: int = 1) -> None:
-        self._outer.update(n)
-
-
 def target_seeds(seed: int, count: int) -> List[int]:
     """Seed of each target view: seed + index (the original driver's seed list, e.g. '0-63')."""
     return [int(seed) + i for i in range(count)]
@@ -394,7 +380,7 @@ class NVSVIVIDSampler:
                         guidance=guidance, num_steps=steps, max_batch_size=len(idx), sr_net=sr,
                         sr_src_pixels=sr_src.expand(len(idx), -1, -1, -1) if sr is not None else None,
                         sr_labels=sr_labels[idx] if sr is not None else None, sr_num_steps=sr_count or None,
-                        sr_conditioning_randn_like=cond_noise, progress=lambda total, desc: _SharedBar(bar))
+                        sr_conditioning_randn_like=cond_noise, progress=shared_progress(bar))
                     images.append(out["images"].to("cpu"))
         finally:
             bar.close()

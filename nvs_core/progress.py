@@ -73,6 +73,25 @@ class TqdmProgress(Progress):
 ProgressFactory = Callable[[int, str], Progress]
 
 
+class SharedProgress(Progress):
+    """Lets inner loops advance one outer reporter without closing it (one bar for several stages)."""
+
+    def __init__(self, outer: Progress):
+        super().__init__(outer.total, outer.desc)
+        self._outer = outer
+
+    def check(self) -> None:
+        self._outer.check()
+
+    def update(self, n: int = 1) -> None:
+        self._outer.update(n)
+
+
+def shared(outer: Progress) -> ProgressFactory:
+    """A factory whose reporters all advance ``outer``."""
+    return lambda total, desc="": SharedProgress(outer)
+
+
 def tqdm_progress(total: int, desc: str = "") -> Progress:
     return TqdmProgress(total, desc)
 

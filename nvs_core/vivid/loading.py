@@ -57,7 +57,7 @@ def build_vivid_network(init_kwargs: Mapping[str, Any], device: Union[torch.devi
     kwargs = copy.deepcopy(dict(init_kwargs))
     with torch.device(device) if device is not None else contextlib.nullcontext():
         net = NVPrecond(**kwargs)
-    net.eval().requires_grad_(False)
+    net.train(False).requires_grad_(False)
     return net.to(dtype) if dtype is not None else net
 
 

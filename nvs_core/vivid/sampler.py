@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..progress import Progress, ProgressFactory, resolve
+from ..progress import ProgressFactory, resolve, shared
 
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,20 +106,6 @@ def edm_time_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     t_steps = (max_inv_rho + i / (num_steps - 1) * (min_inv_rho - max_inv_rho)) ** rho
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
-
-
-class _BorrowedProgress(Progress):
-    """Advances an outer progress bar from an inner loop without closing it."""
-
-    def __init__(self, outer: Progress):
-        super().__init__(outer.total, outer.desc)
-        self._outer = outer
-
-    def check(self) -> None:
-        self._outer.check()
-
-    def update(self, n: int = 1) -> None:
-        self._outer.update(n)
 
 
 def edm_sampler(net, src: torch.Tensor, noise: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -224,8 +210,7 @@ def generate_views(net, src_pixels: torch.Tensor, labels: torch.Tensor, seeds: S
     outputs: Dict[str, List[torch.Tensor]] = {"images": [], "latents": [], "sr_latents": []}
 
     with resolve(progress, steps_per_batch * len(batches), "VIVID novel views") as bar:
-        def shared(total: int, desc: str) -> Progress:
-            return _BorrowedProgress(bar)
+        one_bar = shared(bar)
 
         for batch in batches:
             batch_seeds = [seeds[i] for i in batch]
@@ -234,7 +219,7 @@ def generate_views(net, src_pixels: torch.Tensor, labels: torch.Tensor, seeds: S
             rnd = SeededNoise(batch_seeds)
             noise = rnd.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
             latents = edm_sampler(net, src, noise, labels[idx].to(device), gnet, guidance=guidance,
-                                  num_steps=num_steps, randn_like=rnd.randn_like, progress=shared,
+                                  num_steps=num_steps, randn_like=rnd.randn_like, progress=one_bar,
                                   **sampler_kwargs)
             outputs["latents"].append(latents)
             final = latents
@@ -247,7 +232,7 @@ def generate_views(net, src_pixels: torch.Tensor, labels: torch.Tensor, seeds: S
                 final = edm_sampler(sr_net, sr_src, sr_noise, sr_labels[idx].to(device), sr_net,
                                     conditioning_image=low_res, guidance=1.0, num_steps=sr_num_steps,
                                     randn_like=rnd.randn_like, conditioning_randn_like=sr_conditioning_randn_like,
-                                    progress=shared, **sampler_kwargs)
+                                    progress=one_bar, **sampler_kwargs)
                 outputs["sr_latents"].append(final)
             outputs["images"].append(decode_pixels(final))
     return {name: torch.cat(parts) for name, parts in outputs.items() if parts}

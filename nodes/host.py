@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 

@@ -27,7 +27,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 MASK_THRESHOLD = 0.01
 VGG_FILES = ("vgg16-397923af.pth", "vgg16-397923af.safetensors")

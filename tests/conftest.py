@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -9,9 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.paths import GOLDEN_DIR, SHARED  # noqa: E402
+from tests.paths import SHARED  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: a second thread only adds hand-off latency (seconds per call on a busy 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

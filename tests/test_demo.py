@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from nvs_core import demo
@@ -12,12 +11,6 @@ from nvs_core.vivid.data import EVAL_SEEDS, TRAIN_SEEDS
 from nvs_core.vivid.demo_model import DEMO_MODEL_PATH, load_demo_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_writes_grid_orbit_and_metrics(tmp_path, capsys):

@@ -18,13 +18,6 @@ from nvs_core.viewneti.text import PlaceholderVectors
 TOKENS, WIDTH = 16, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (seconds per call on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,6 @@ from tests.test_sd_backend import reference_with_projection_hooks
 WIDTH = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

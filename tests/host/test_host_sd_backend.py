@@ -233,12 +233,6 @@ def diffusers_backend(comfy_run, tmp_path_factory):
     return load_single_file(checkpoint, folder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _patches(tensors):

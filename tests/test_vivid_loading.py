@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import GOLDEN_DIR
+from tests.paths import GOLDEN_DIR
 from nvs_core.checkpoints import CheckpointError
 from nvs_core.vivid.loading import (VIVID_PRESETS, build_vivid_network, load_vivid, load_vivid_checkpoint,
                                     load_vivid_pickle, save_vivid_converted, vivid_network_from_weights)

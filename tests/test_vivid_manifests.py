@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import GOLDEN_DIR
+from tests.paths import GOLDEN_DIR
 from nvs_core.vivid.loading import VIVID_PRESETS, build_vivid_network
 from nvs_core.vivid.networks import XAttnBlock
 

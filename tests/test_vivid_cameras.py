@@ -64,3 +64,16 @@ def test_realestate10k_pose_file_and_frames(tmp_path):
     pose.write_text("https://x\n0 1 2 3\n")
     with pytest.raises(ValueError, match="line 2: expected 19 numbers"):
         read_pose_file(pose)
+
+
+def test_aliased_intrinsics_reproduce_the_published_pipeline():
+    cams = orbit(2, 0.1, 0.0, 0.4, 2.0, math.radians(50), 640, 360)
+    from nvs_core.vivid.geometry import dataset_geometry
+    lines = _lines(cams)[1:]
+    published = dataset_geometry(lines[0], lines[1], imsize=64, srsize=256, aliased=True)
+    ours_64 = geometry_from_cameras(cams[0], cams[[1]], 64, aliased_sizes=(256, 64))
+    ours_256 = geometry_from_cameras(cams[0], cams[[1]], 256, aliased_sizes=(256, 64))
+    assert torch.allclose(ours_64[0], published["geometry"], atol=2e-5)
+    assert torch.allclose(ours_256[0], published["sr_geometry"], atol=2e-5)
+    correct = geometry_from_cameras(cams[0], cams[[1]], 64)
+    assert not torch.allclose(correct, ours_64, atol=1e-3)

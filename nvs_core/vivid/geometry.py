@@ -10,7 +10,7 @@ maps target-camera coordinates into the source camera (OpenCV axes, RealEstate10
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -150,13 +150,17 @@ def dataset_geometry(src_line: str, tgt_line: str, imsize: int = 64, srsize: int
     }
 
 
-def geometry_from_cameras(source, targets, imsize: int, translation_scale: float = 1.0) -> torch.Tensor:
+def geometry_from_cameras(source, targets, imsize: int, translation_scale: float = 1.0,
+                          aliased_sizes: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Standardised labels (N, 20) for generating each target view from one source view.
 
     ``source`` (1 or N cameras) and ``targets`` (N cameras) are ``Cameras`` (OpenCV axes, as
     VIVID's RealEstate10K poses); their intrinsics are converted the way the images are: centre
     crop to a square, then resize to ``imsize``. ``translation_scale`` maps scene units to the
     training data's scale (RealEstate10K's SfM units for the published models).
+    ``aliased_sizes`` = (sr_size, base_size) reproduces the published data pipeline's quirk (see
+    :func:`dataset_geometry`): intrinsics cropped+resized to sr_size and then again to base_size,
+    used for the labels at every resolution; None gives the correct intrinsics for ``imsize``.
     """
     if len(source) not in (1, len(targets)):
         raise ValueError(f"need one source camera or one per target, got {len(source)} for {len(targets)} targets")
@@ -165,6 +169,12 @@ def geometry_from_cameras(source, targets, imsize: int, translation_scale: float
     src_w2c = source.w2c[:, :3].expand(len(targets), 3, 4)
     tgt2src = relative_pose(src_w2c, targets.w2c[:, :3]).clone()
     tgt2src[..., 3] *= translation_scale
-    src_K = crop_resize_intrinsics(source.K(), imsize, source.height, source.width).expand(len(targets), 3, 3)
-    tgt_K = crop_resize_intrinsics(targets.K(), imsize, targets.height, targets.width)
+    def resized_K(cameras):
+        if aliased_sizes is None:
+            return crop_resize_intrinsics(cameras.K(), imsize, cameras.height, cameras.width)
+        once = crop_resize_intrinsics(cameras.K(), aliased_sizes[0], cameras.height, cameras.width)
+        return crop_resize_intrinsics(once, aliased_sizes[1], cameras.height, cameras.width)
+
+    src_K = resized_K(source).expand(len(targets), 3, 3)
+    tgt_K = resized_K(targets)
     return compose_geometry(tgt2src, src_K, tgt_K, imsize).to(torch.float32)

@@ -319,11 +319,15 @@ class NVSVIVIDSampler:
                                              "units -> the training data's scale (RealEstate10K SfM units for the "
                                              "published nets)."),
             "sr_steps": int_input(0, 0, 256, "EDM steps of the SR stage; 0 = the same as steps."),
+            "published_intrinsics_quirk": ("BOOLEAN", {"default": False, "tooltip": "Give the nets the intrinsics "
+                                           "the published data pipeline computed (cropped/resized twice: 64-px focal "
+                                           "about 0.71x too small for 640x360 frames), which the released weights may "
+                                           "have been trained on; off gives the geometrically correct intrinsics."}),
         }}
 
     def sample(self, vivid, source_image, source_camera, target_cameras, steps=PUBLISHED_STEPS,
                guidance=PUBLISHED_GUIDANCE, seed=0, batch_size=4, super_resolution=True, translation_scale=1.0,
-               sr_steps=0):
+               sr_steps=0, published_intrinsics_quirk=False):
         started = time.perf_counter()
         models = self._check_models(vivid)
         image = self._check_source(source_image)
@@ -350,13 +354,17 @@ class NVSVIVIDSampler:
         res = models.resolution
         pixels = source_pixels(image)
         src = crop_and_resize(pixels, res)
-        labels = geometry_from_cameras(source_camera, target_cameras, res, translation_scale)
         sr = models.sr if super_resolution else None
+        # The published pipeline cropped K to the SR size (256 = 4 x 64), then again to the base size.
+        aliased = None
+        if published_intrinsics_quirk:
+            aliased = (int(sr.img_resolution) if sr is not None else 4 * res, res)
+        labels = geometry_from_cameras(source_camera, target_cameras, res, translation_scale, aliased)
         sr_src = sr_labels = None
         if sr is not None:
             sr_res = int(sr.img_resolution)
             sr_src = crop_and_resize(pixels, sr_res)
-            sr_labels = geometry_from_cameras(source_camera, target_cameras, sr_res, translation_scale)
+            sr_labels = geometry_from_cameras(source_camera, target_cameras, sr_res, translation_scale, aliased)
         seeds = target_seeds(seed, count)
         gnet = models.guidance if guided else None
         guidance = guidance if guided else 1.0

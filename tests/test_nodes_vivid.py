@@ -272,6 +272,30 @@ def test_translation_scale_changes_the_label():
     assert not torch.equal(near, far) and "translation x3" in info
 
 
+def test_published_intrinsics_quirk_changes_the_label(monkeypatch):
+    seen, labels = [], []
+    real = nv.geometry_from_cameras
+
+    def recording(*args, **kwargs):
+        seen.append(args[4:] or tuple(kwargs.values()))
+        labels.append(real(*args, **kwargs))
+        return labels[-1]
+
+    monkeypatch.setattr(nv, "geometry_from_cameras", recording)
+    models = _load()
+    # Non-square frames larger than the quirk's first size, or the double resize changes nothing.
+    source = cam.Cameras.from_spherical(math.radians(10), 0.0, 2.5, math.radians(40), 240, 160)
+    wide = dict(source_image=_image(240, 160), source_camera=source)
+    _sample(models, **wide)
+    _sample(models, published_intrinsics_quirk=True, **wide)
+    _sample(models, published_intrinsics_quirk=True, super_resolution=True, guidance=1.0, **wide)
+    # Tiny random nets saturate, so compare what they are given: the source intrinsics in the label.
+    assert not torch.allclose(labels[0][:, 12:14], labels[1][:, 12:14])
+    assert torch.equal(labels[0][:, :12], labels[1][:, :12])
+    assert seen[0] == (None,) and seen[1] == ((4 * models.resolution, models.resolution),)
+    assert seen[2] == seen[3] == ((models.sr_resolution, models.resolution),)
+
+
 def test_progress_counts_every_step_and_interrupt_stops(monkeypatch):
     models = _load()
     seen = []

@@ -54,13 +54,9 @@ def _status_kb(field):
 
 
 def _randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=g))
+    from nvs_core.sd.tiny import randomize_
+
+    randomize_(module, torch.Generator().manual_seed(seed), bias_std=0.02)
     return module.train(False).requires_grad_(False)
 
 

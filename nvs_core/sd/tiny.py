@@ -22,6 +22,18 @@ TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 BOS, EOS, VIEW, OBJECT = 60, 61, 62, 63
 
 
+def randomize_(module: torch.nn.Module, generator: torch.Generator, bias_std: float) -> torch.nn.Module:
+    """Random weights in place: matrices N(0, 1/fan_in), vectors 1 (weights) or 0 (biases) + N(0, bias_std)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+            else:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + bias_std * torch.randn(p.shape, generator=generator))
+    return module
+
+
 def tiny_unet(seed=0):
     from diffusers import UNet2DConditionModel
 

@@ -46,15 +46,11 @@ sys.modules["nvs_pack.nodes"] = nodes
 sd_comfy = importlib.import_module("nvs_pack.nodes.sd_comfy")
 sd = importlib.import_module("nvs_pack.nvs_core.sd.interface")
 text = importlib.import_module("nvs_pack.nvs_core.viewneti.text")
+tiny = importlib.import_module("nvs_pack.nvs_core.sd.tiny")
 g = torch.Generator().manual_seed(0)
 
 def randomize(module):
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    tiny.randomize_(module, g, bias_std=0.1)
 
 out, report = {}, {}
 with torch.inference_mode():  # as inside a ComfyUI prompt: every weight is an inference tensor

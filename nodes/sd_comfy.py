@@ -30,6 +30,8 @@ from ..nvs_core.sd.interface import (COND, LDM_BLOCKS, NUM_LAYERS, UNCOND, Block
                                      UNetPatches, chunk_rows, override_cross_attention_context, prepared,
                                      shared_timestep)
 
+from . import host
+
 PATCH_KEY = "nvs_sd_backend"
 COMFY_CHUNK_LABELS = {0: COND, 1: UNCOND}
 
@@ -84,7 +86,8 @@ class ComfyPatch:
     def outer_sample(self, executor, *args, **kwargs):
         sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
         sigmas = sigmas[sigmas > 0]
-        with prepared(self.patches.contexts, self.model_sampling.timestep(sigmas).float()):
+        with prepared(self.patches.contexts, self.model_sampling.timestep(sigmas).float(),
+                      progress=host.progress_factory()):
             return executor(*args, **kwargs)
 
 

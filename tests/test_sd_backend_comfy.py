@@ -30,7 +30,7 @@ class Recorder:
         self.calls.append(call)
         return (self.keys, self.values) if call.chunk == COND else None
 
-    def prepare(self, timesteps):
+    def prepare(self, timesteps, progress=None):
         self.events.append(("prepare", torch.as_tensor(timesteps).tolist()))
 
     def release(self):

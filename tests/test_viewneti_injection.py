@@ -164,3 +164,22 @@ def test_row_counts_are_checked(backend, mappers, cameras):
     with torch.no_grad():
         keys, _ = one.contexts(_call(5, 999.0, rows=4))  # one camera broadcasts over the chunk
     assert keys.shape[0] == 1
+
+
+def test_prepare_reports_each_step_and_stops_on_interrupt(backend, mappers, cameras):
+    from nvs_core.progress import Interrupted, Progress
+
+    updates = []
+    provider = _contexts(backend, mappers, cameras)
+    def recording(total, desc):
+        return Progress(total, desc, on_update=lambda done, tot: updates.append((done, tot)))
+
+    provider.prepare([999.0, 500.0, 1.0], progress=recording)
+    assert updates == [(1, 3), (2, 3), (3, 3)]
+    provider.release()
+    def stop(total, desc):  # the user interrupts once the first step is cached
+        return Progress(total, desc, should_stop=lambda: len(provider._cache) >= 1)
+
+    with pytest.raises(Interrupted):
+        provider.prepare([999.0, 500.0], progress=stop)
+    assert provider.cache_bytes > 0 and len(provider._cache) == 1  # stopped after the first step

@@ -69,7 +69,8 @@ class CrossAttentionContexts(Protocol):
     """Supplies (keys context, values context) per (layer, step, chunk); None leaves the chunk untouched.
 
     Contexts are (n, T, D) or (1, T, D) (broadcast over the chunk's rows). Optional methods:
-    ``prepare(timesteps)`` before a sampling run with the schedule's timesteps, ``release()`` after it.
+    ``prepare(timesteps, progress=None)`` before a sampling run with the schedule's timesteps, ``release()``
+    after it.
     """
 
     def contexts(self, call: LayerCall) -> Optional[Tuple[torch.Tensor, torch.Tensor]]: ...
@@ -298,10 +299,16 @@ class SDBackend(ABC):
 
 
 @contextmanager
-def prepared(provider, timesteps):
-    """``provider.prepare(timesteps)`` for the length of a sampling run, then ``release()`` (if it has them)."""
+def prepared(provider, timesteps, progress=None):
+    """``provider.prepare(timesteps)`` for the length of a sampling run, then ``release()`` (if it has them).
+
+    ``progress`` (a progress factory) is passed on when given, for providers whose preparation is long.
+    """
     if hasattr(provider, "prepare"):
-        provider.prepare(timesteps)
+        if progress is None:
+            provider.prepare(timesteps)
+        else:
+            provider.prepare(timesteps, progress=progress)
     try:
         yield provider
     finally:

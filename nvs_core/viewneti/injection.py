@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..progress import ProgressFactory, resolve
 from ..sd.interface import COND, NUM_LAYERS, LayerCall, SDBackend
 from .text import PlaceholderVectors
 
@@ -141,13 +142,20 @@ class ViewNetiContexts:
         self._cache[_timestep_key(t)] = entry
         return entry
 
-    def prepare(self, timesteps) -> None:
-        """Fill the cache for a sampling schedule's timesteps (the UNet's t for each step)."""
+    def prepare(self, timesteps, progress: Optional[ProgressFactory] = None) -> None:
+        """Fill the cache for a sampling schedule's timesteps (the UNet's t for each step).
+
+        One text-encoder pass per (step, layer): minutes at full size on a CPU, so it reports
+        progress per step and stops on interrupt.
+        """
         if not self.use_cache:
             return
-        for t in torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).tolist():
-            if _timestep_key(t) not in self._cache:
+        missing = [t for t in torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).tolist()
+                   if _timestep_key(t) not in self._cache]
+        with resolve(progress, len(missing), "ViewNeTI contexts") as bar:
+            for t in missing:
                 self._store(t)
+                bar.update()
 
     def release(self) -> None:
         self._cache.clear()

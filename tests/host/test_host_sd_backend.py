@@ -99,7 +99,7 @@ class Contexts:
     def contexts(self, call):
         self.calls.append([call.layer, call.chunk, call.timesteps.tolist()])
         return (keys[call.layer], values[call.layer]) if call.chunk == sd.COND else None
-    def prepare(self, timesteps):
+    def prepare(self, timesteps, progress=None):
         self.prepared.append(torch.as_tensor(timesteps).tolist())
     def release(self):
         self.prepared.append("released")

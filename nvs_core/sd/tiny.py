@@ -112,3 +112,41 @@ def ldm_checkpoint(unet, clip=None):
         out.update({"cond_stage_model.transformer.text_model." + k: v.contiguous()
                     for k, v in clip.state_dict().items()})
     return out
+
+
+class TinyTokenizer:
+    """A word-level stand-in for ``CLIPTokenizer`` over the tiny CLIP's 64 ids (tests and CPU demos).
+
+    Lower-cased words and punctuation marks are tokens; "view" -> ``VIEW`` and "object" -> ``OBJECT``
+    (the super-category words ViewNeTI's placeholders stand on), every other token a stable hash in
+    1..59; rows are [BOS, tokens..., EOS] padded with 0 to ``model_max_length``.
+    """
+
+    model_max_length = TINY_CLIP["max_position_embeddings"]
+    FIXED = {"view": VIEW, "object": OBJECT}
+
+    def token_id(self, token: str) -> int:
+        import zlib
+
+        return self.FIXED.get(token, zlib.crc32(token.encode()) % 59 + 1)
+
+    def __call__(self, prompts, padding="max_length", max_length=None, truncation=True, return_tensors="pt"):
+        from types import SimpleNamespace
+
+        length = max_length or self.model_max_length
+        rows = []
+        for prompt in ([prompts] if isinstance(prompts, str) else prompts):
+            words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", prompt.lower())
+            ids = [BOS] + [self.token_id(w) for w in words][:length - 2] + [EOS]
+            rows.append(ids + [0] * (length - len(ids)))
+        return SimpleNamespace(input_ids=torch.tensor(rows, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return TINY_CLIP["vocab_size"]
+
+
+def tiny_backend_with_tokenizer(seed=0, prediction_type="epsilon"):
+    """``tiny_backend`` with :class:`TinyTokenizer`, so that prompts can be given as text."""
+    backend = tiny_backend(seed, prediction_type)
+    backend.tokenizer = TinyTokenizer()
+    return backend

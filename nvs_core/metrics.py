@@ -1,7 +1,9 @@
 """Image metrics for novel-view evaluation: PSNR, SSIM and LPIPS (VGG, v0.1), optionally masked.
 
 Inputs use ComfyUI's IMAGE layout: float ``[B,H,W,C]`` in 0..1 (C = 3 or 1); masks ``[B,H,W]``
-(or ``[H,W]`` / ``[1,H,W]``, broadcast over the batch), 1 = evaluated region.
+(or ``[H,W]`` / ``[1,H,W]``, broadcast over the batch), 1 = evaluated region. A per-channel mask
+``[B,H,W,C]`` (or ``[1,H,W,C]``, C matching the images) is also accepted, as the published DTU
+results files store RGB masks.
 
 Masked metrics follow the DTU protocol of ViewNeTI (``training/inference_dtu.py``): the mask is
 binarised (``> 0.01``), expanded to every channel, both images are multiplied by it, and
@@ -68,6 +70,13 @@ def _prepare(pred, gt, mask=None) -> Tuple[torch.Tensor, torch.Tensor, Optional[
     if not isinstance(mask, torch.Tensor):
         mask = torch.as_tensor(np.asarray(mask))
     mask = mask.detach().to("cpu", torch.float64)
+    if mask.ndim == 4:  # per-channel mask [B|1,H,W,C]
+        if tuple(mask.shape[1:]) != (h, w, pred.shape[-1]) or mask.shape[0] not in (1, b):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not fit images {tuple(pred.shape)}: "
+                             f"expected [{b},{h},{w}], [{h},{w}] or per channel [{b},{h},{w},{pred.shape[-1]}]")
+        if not torch.isfinite(mask).all():
+            raise ValueError("mask: contains NaN or Inf values")
+        return pred, gt, (mask > MASK_THRESHOLD).to(torch.float64).expand(b, h, w, pred.shape[-1])
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
     if mask.ndim != 3 or tuple(mask.shape[1:]) != (h, w) or mask.shape[0] not in (1, b):

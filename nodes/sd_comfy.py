@@ -7,8 +7,9 @@ inside functions. Every version-sensitive call of this adapter is in this module
   labels from ``cond_or_uncond`` (0 = cond, 1 = uncond), timesteps = ``model_sampling.timestep(sigmas)``
   (what the UNet itself receives); the provider's contexts replace ``context`` (keys) and ``value``.
 - (b) ``middle_patch``: ComfyUI calls it right after the attn1 residual, before norm2/attn2.
-- An ``OUTER_SAMPLE`` wrapper runs ``provider.prepare(timesteps of the run's sigmas)`` before sampling and
-  ``release()`` after it, so contexts are precomputed for the schedule and freed when it ends.
+- An ``OUTER_SAMPLE`` wrapper runs ``provider.check_batch(latent batch size)`` (if the provider has it) and
+  ``provider.prepare(timesteps of the run's sigmas)`` before sampling and ``release()`` after it, so contexts
+  are precomputed for the schedule and freed when it ends.
 - All of it lives on a ``clone()`` of the incoming MODEL. The state object behind the patches holds no
   heavy tensors itself and is shared rather than deep-copied when ComfyUI copies ``transformer_options``.
 - (c) ``unet``/``predict_noise`` call the patched clone's diffusion model directly (the same
@@ -86,6 +87,10 @@ class ComfyPatch:
     def outer_sample(self, executor, *args, **kwargs):
         sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
         sigmas = sigmas[sigmas > 0]
+        check_batch = getattr(self.patches.contexts, "check_batch", None)
+        latent = kwargs["latent_image"] if "latent_image" in kwargs else (args[1] if len(args) > 1 else None)
+        if check_batch is not None and latent is not None:  # before the (long) preparation
+            check_batch(int(latent.shape[0]))
         with prepared(self.patches.contexts, self.model_sampling.timestep(sigmas).float(),
                       progress=host.progress_factory()):
             return executor(*args, **kwargs)
@@ -111,6 +116,13 @@ def patch_model(model, patches: UNetPatches, differentiable: bool = False):
 
 def _identity(weight):
     return weight
+
+
+def model_context_dim(model):
+    """The cross-attention context width of a MODEL's UNet (1024 for SD 2.x, 768 for SD 1.x), or None."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    width = config.get("context_dim")
+    return int(width) if width is not None else None
 
 
 def prediction_type_of(model) -> str:
@@ -168,6 +180,28 @@ def transformers_text_encoder(clip, device=None, dtype: torch.dtype = torch.floa
     if leftover:
         raise ValueError(f"CLIP weights missing for {leftover[:3]}")
     return model.train(False).requires_grad_(False)
+
+
+def clip_token_embedding_shape(clip):
+    """(vocabulary size, token width) of an SD 1.x/2.x CLIP, without copying it."""
+    stage = clip.cond_stage_model
+    inner = getattr(stage, getattr(stage, "clip", ""), None)
+    text_model = getattr(getattr(inner, "transformer", None), "text_model", None)
+    embedding = getattr(getattr(text_model, "embeddings", None), "token_embedding", None)
+    if embedding is None:
+        raise ValueError(f"unsupported CLIP {type(stage).__name__}: expected an SD 1.x/2.x single CLIP text model")
+    vocab, width = embedding.weight.shape
+    return int(vocab), int(width)
+
+
+def text_dtype_for(clip) -> torch.dtype:
+    """fp16 for the transformers text-encoder copy on a CUDA device (as upstream ViewNeTI ran it), else fp32."""
+    return torch.float16 if torch.device(clip.patcher.load_device).type == "cuda" else torch.float32
+
+
+def encode_prompt(clip, text: str):
+    """ComfyUI's own CONDITIONING for a plain prompt (what CLIPTextEncode gives)."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 # ---------------------------------------------------------------------------------------- backend
@@ -243,6 +277,10 @@ class ComfySDBackend(SDBackend):
             chunk = next(iter(tokens.values()))[0]
             rows.append([t[0] if isinstance(t[0], int) else 0 for t in chunk])
         return torch.tensor(rows, dtype=torch.long)
+
+    def release_text_encoder(self) -> None:
+        """Drop the transformers copy of the CLIP (rebuilt on the next text encoding)."""
+        self._text_encoder = None
 
     # ---- (e)
     def _vae_model(self):

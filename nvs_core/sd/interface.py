@@ -70,7 +70,7 @@ class CrossAttentionContexts(Protocol):
 
     Contexts are (n, T, D) or (1, T, D) (broadcast over the chunk's rows). Optional methods:
     ``prepare(timesteps, progress=None)`` before a sampling run with the schedule's timesteps, ``release()``
-    after it.
+    after it; ``check_batch(batch)`` before ``prepare`` with the run's latent batch size (raise to refuse it).
     """
 
     def contexts(self, call: LayerCall) -> Optional[Tuple[torch.Tensor, torch.Tensor]]: ...

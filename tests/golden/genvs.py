@@ -69,6 +69,38 @@ def decoder_case(case: dict, method_dir: Path) -> None:
         _assert_close(case, output, got[output], t[output])
 
 
+# --------------------------------------------------------------------------- a2: input_unet
+
+@functools.lru_cache(maxsize=None)
+def _case_e_model(method_dir: Path):
+    """The case e network, built by the users' loader from the expected (de-duplicated) state dict."""
+    t = _tensors(method_dir / "case_e_checkpoint_expected.safetensors")
+    return genvs_from_state_dict(_prefixed(t, "expected.state_dict."), source="case_e_checkpoint_expected")
+
+
+def input_unet_case(case: dict, method_dir: Path) -> None:
+    t = _tensors(method_dir / case["file"])
+    assert case["weights"]["prefix"] == "expected.state_dict.input_unet."
+    model = _case_e_model(method_dir)
+    assert model.config.decoder.channels == case["constructor_kwargs"]["decoder_channels"]
+    assert list(model.config.decoder.atrous_rates) == case["constructor_kwargs"]["decoder_atrous_rates"]
+    images = t["input.images"]
+    B, V = images.shape[:2]
+    targets01 = 0.5 * (images + 1)
+    with torch.no_grad():
+        unet_input = preprocess(targets01.reshape(B * V, *images.shape[2:]))
+        features = model.input_unet.encoder(unet_input)
+        volume = model.encode(targets01)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    got = {"output.targets01": targets01, "output.img_tp": ((targets01 - mean) / std).reshape(B * V, 3, 64, 64),
+           "output.unet_input": unet_input, "output.volume": volume}
+    got.update({f"output.encoder_features.{i}": f for i, f in enumerate(features)})
+    for output in case["outputs"]:
+        _assert_close(case, output, got[output], t[output])
+
+
 HANDLERS = {
+    "name:a2_input_unet": input_unet_case,
     "name:a1_dlv3_decoder": decoder_case,
 }

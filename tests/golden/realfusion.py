@@ -187,7 +187,91 @@ def shading_case(case: dict, method_dir: Path) -> None:
     _check_all(case, got, t)
 
 
+# ---------------------------------------------------------------------------- d: cameras
+
+class _Replay:
+    """A RandomSource that returns the fixture's supplied draws in call order."""
+
+    def __init__(self, rands=(), randoms=(), randints=()):
+        self.rands, self.randoms, self.randints = list(rands), list(randoms), list(randints)
+
+    def rand(self, *size):
+        draw = self.rands.pop(0)
+        assert tuple(draw.shape) == tuple(size[0] if len(size) == 1 and isinstance(size[0], (tuple, list))
+                                          else size), f"rand{size} draw shape {tuple(draw.shape)}"
+        return draw
+
+    def random(self):
+        return self.randoms.pop(0)
+
+    def randint(self, high, size):
+        return self.randints.pop(0)
+
+    def exhausted(self):
+        return not (self.rands or self.randoms or self.randints)
+
+
+def cameras_case(case: dict, method_dir: Path) -> None:
+    import numpy as np
+
+    from nvs_core.realfusion import cameras as rc
+
+    t = _tensors(method_dir / case["file"])
+    cfg = case["config"]
+    got = {}
+    for branch in ("sphere", "thetaphi"):
+        p = f"input.rand_poses_{branch}."
+        replay = _Replay([t[p + "radius_u"]] + [t[p + k] for k in ("u0", "u1", "u2") if p + k in t],
+                         [float(t[p + "branch_u"])])
+        poses, dirs = rc.rand_poses(cfg["rand_size"], replay, cfg["radius_range"], angle_overhead=cfg["angle_overhead"],
+                                    angle_front=cfg["angle_front"], uniform_sphere_rate=cfg["uniform_sphere_rate"],
+                                    jitter=cfg["jitter_pose"])
+        assert replay.exhausted(), f"{branch}: not every supplied draw was used"
+        got[f"output.rand_poses_{branch}.poses"], got[f"output.rand_poses_{branch}.dirs"] = poses, dirs
+        assert torch.allclose(torch.linalg.det(poses[:, :3, :3]), torch.tensor(-1.0), atol=1e-5), "mirror-handed"
+    got["output.dirgrid.label"] = rc.view_direction(t["input.dirgrid.theta"], t["input.dirgrid.phi"],
+                                                    np.deg2rad(cfg["angle_overhead"]), np.deg2rad(cfg["angle_front"]))
+    iv_cfg = cfg["input_view"]
+    view = rc.InputView(iv_cfg["HW"], iv_cfg["radius"], iv_cfg["theta"], iv_cfg["phi"], iv_cfg["fovy"])
+    got["output.input_view.pose"], got["output.input_view.dir"] = view.pose(), view.direction()
+    got["output.input_view.intrinsics"] = torch.tensor(view.intrinsics())
+    full = view.rays()
+    got["output.input_view.rays_o"], got["output.input_view.rays_d"] = full["rays_o"], full["rays_d"]
+    sampled = view.rays(16, _Replay(randints=[t["input.input_view.sample_inds"]]))
+    got["output.input_view.sampled_rays_o"], got["output.input_view.sampled_rays_d"] = sampled["rays_o"], sampled["rays_d"]
+    got["output.input_view.sampled_inds"] = sampled["inds"]
+    orbit = [rc.circle_poses(cfg["radius_rot"], cfg["pose_angle"], i / cfg["orbit_size"] * 360,
+                             cfg["angle_overhead"], cfg["angle_front"]) for i in t["input.orbit_index"].tolist()]
+    got["output.orbit.poses"] = torch.cat([p for p, _ in orbit])
+    got["output.orbit.dirs"] = torch.cat([d for _, d in orbit])
+    p = "input.synth_collate."
+    replay = _Replay([t[p + "radius_u"], t[p + "u0"], t[p + "u1"]], [float(t[p + "branch_u"]), float(t[p + "fov_u"])])
+    view_s = rc.sample_training_view(replay, cfg["synth_HW"], cfg["synth_HW"], cfg["radius_range"], cfg["fovy_range"],
+                                     cfg["angle_overhead"], cfg["angle_front"], cfg["uniform_sphere_rate"])
+    assert replay.exhausted()
+    got["output.synth_collate.rays_o"], got["output.synth_collate.rays_d"] = view_s["rays_o"], view_s["rays_d"]
+    got["output.synth_collate.dir"] = view_s["dir"]
+    image = rc.prepare_rgba(t["input.real.rgba_uint8"], cfg["real_HW"])
+    got["output.real.image_resized"] = image
+    real_view = rc.InputView(cfg["real_HW"], iv_cfg["radius"], iv_cfg["theta"], iv_cfg["phi"], iv_cfg["fovy"])
+    real = real_view.rays(cfg["num_rays"], _Replay(randints=[t["input.real.sample_inds"]]))
+    got["output.real.rays_o"], got["output.real.rays_d"] = real["rays_o"], real["rays_d"]
+    got["output.real.images"] = rc.gather_pixels(image, real["inds"])
+    real_full = real_view.rays()
+    got["output.real_full.rays_o"], got["output.real_full.rays_d"] = real_full["rays_o"], real_full["rays_d"]
+    got["output.real_full.images"] = image
+    _check_all(case, got, t)
+    # The NVS_CAMERA of the input view gives the same rays in the x-mirrored world, with a proper rotation.
+    cam = view.camera()
+    assert torch.allclose(torch.linalg.det(cam.c2w[:, :3, :3]), torch.ones(1, dtype=torch.float64))
+    o, d = cam.rays()
+    o, d = rc.nvs_rays_to_realfusion(o.reshape(1, -1, 3), d.reshape(1, -1, 3))
+    assert_close(case, "output.input_view.rays_d", d, t["output.input_view.rays_d"], (1e-6, 0))
+    assert_close(case, "output.input_view.rays_o", o, t["output.input_view.rays_o"], (1e-6, 0))
+
+
 HANDLERS = {
+    "function": cameras_case,
     "function_transcribed": grid_case,
     "name:b_field_mlp_freq": field_case,
     "name:c_normals_shading": shading_case,

@@ -100,7 +100,60 @@ def input_unet_case(case: dict, method_dir: Path) -> None:
         _assert_close(case, output, got[output], t[output])
 
 
+# --------------------------------------------------------------------------- b: lifting + NeRF + renderer
+
+def nerf_render_case(case: dict, method_dir: Path) -> None:
+    t = _tensors(method_dir / case["file"])
+    kw = case["constructor_kwargs"]
+    field = NeRFField(kw["resolution_z"], kw["sigma_color_rank"], kw["color_feat_dim"], kw["hidden_dim"],
+                      kw["num_layers"], kw["bound"], kw["min_near"])
+    field.load_state_dict(_prefixed(t, "state_dict."), strict=True)
+    field.train(False)
+    src = SourceViews(t["input.volume"], t["input.src_poses"], t["input.camera_k"])
+    tgt, intrinsics = t["input.tgt_poses"], t["input.intrinsics"]
+    B, Q = tgt.shape[:2]
+
+    # The seed alone reproduces the recorded draws (same order as the original renderer).
+    seeded = RenderDraws.draw(B, Q, 4096, random_importance=True, generator=torch.Generator().manual_seed(5103))
+    assert torch.equal(seeded.jitter, t["input.draw.jitter_rand"])
+    assert torch.equal(seeded.pdf_u, t["input.draw_train.pdf_u_rand"])
+
+    got = {}
+    with torch.no_grad():
+        draws = RenderDraws(t["input.draw.jitter_rand"])
+        # a small memory budget forces many chunks: chunking must not change anything
+        f, d, o = render_views(field, tgt, intrinsics, src, 64, 64, draws, memory_mb=4)
+        got.update({"output.features": f, "output.depth": d, "output.opacity": o,
+                    "output.cond_upsampled": upsample_condition(f)})
+        train = RenderDraws(t["input.draw.jitter_rand"], t["input.draw_train.pdf_u_rand"])
+        f, d, o = render_views(field, tgt, intrinsics, src, 64, 64, train)
+        got.update({"output.train.features": f, "output.train.depth": d, "output.train.opacity": o})
+        got["output.probe_cam_coords"] = field.cam_coords(t["input.probe_points"], src)
+        rays_o, rays_d = get_rays(tgt.reshape(B * Q, 4, 4), intrinsics, 64, 64)
+        near, far = near_far_from_bound(rays_o, rays_d, kw["bound"], kw["min_near"])
+        got.update({"output.rays_o": rays_o.reshape(B, Q, 4096, 3), "output.rays_d": rays_d.reshape(B, Q, 4096, 3),
+                    "output.near": near.reshape(B, Q, 4096), "output.far": far.reshape(B, Q, 4096)})
+        idx = t["output.diag.pixel_index"]
+        n = len(idx)
+        pick = lambda x: x[:, :, idx].reshape(B, Q * n, *x.shape[3:])  # noqa: E731
+        details: Dict[str, torch.Tensor] = {}
+        render_rays(field, pick(got["output.rays_o"]), pick(got["output.rays_d"]), src,
+                    pick(t["input.draw.jitter_rand"]), None, details=details)
+        for key, value in details.items():
+            got[f"output.diag.{key}"] = value.reshape(B, Q, n, *value.shape[2:])
+    for output in case["outputs"]:
+        if output == "output.diag.pixel_index":
+            continue
+        _assert_close(case, output, got[output], t[output])
+    # Rays that miss the cube render the white background: features 1, depth 0, opacity 0.
+    miss = (t["output.near"] >= 1e9).reshape(B, Q, 64, 64)
+    assert miss.any()
+    assert torch.all(got["output.opacity"][:, :, 0][miss] == 0)
+    assert torch.all(got["output.features"].permute(0, 1, 3, 4, 2)[miss] == 1)
+
+
 HANDLERS = {
+    "name:b_nerf_render": nerf_render_case,
     "name:a2_input_unet": input_unet_case,
     "name:a1_dlv3_decoder": decoder_case,
 }

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import convert
+from .viewneti import training as viewneti_training
 from .vivid import training as vivid_training
 
 
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
 
     convert.add_cli(sub)
     vivid_training.add_cli(sub)
+    viewneti_training.add_cli(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -11,7 +11,8 @@ import torch
 from nvs_core.checkpoints import load_safetensors
 from nvs_core.genvs import cameras as genvs_cameras
 from nvs_core.genvs import sampler as genvs_sampler
-from nvs_core.genvs.config import tiny_config
+from nvs_core.genvs.config import DenoiserConfig, tiny_config
+from nvs_core.genvs.denoiser import build_denoiser
 from nvs_core.genvs.encoder import DeepLabV3PlusDecoder, preprocess
 from nvs_core.genvs.loading import genvs_from_state_dict, load_genvs, load_genvs_checkpoint
 from nvs_core.genvs.nerf import (NeRFField, RenderDraws, SourceViews, get_rays, near_far_from_bound, render_rays,
@@ -152,7 +153,48 @@ def nerf_render_case(case: dict, method_dir: Path) -> None:
     assert torch.all(got["output.features"].permute(0, 1, 3, 4, 2)[miss] == 1)
 
 
+# --------------------------------------------------------------------------- c, c2: image_v1 denoiser
+
+@functools.lru_cache(maxsize=None)
+def _denoiser(path: Path, section_json: str):
+    section = json.loads(section_json)
+    cfg = DenoiserConfig(input_channels=section["input_channels"], input_size=section["input_size"],
+                         mapping_out=section["mapping_out"], depths=section["depths"], channels=section["channels"],
+                         self_attn_depths=section["self_attn_depths"], dropout_rate=section["dropout_rate"],
+                         has_variance=section["has_variance"], sigma_data=section["sigma_data"],
+                         sigma_min=section["sigma_min"], sigma_max=section["sigma_max"])
+    den = build_denoiser(cfg)
+    den.inner_model.inner_model.load_state_dict(_prefixed(_tensors(path), "state_dict."), strict=True)
+    return den.train(False)
+
+
+def denoiser_case(case: dict, method_dir: Path) -> None:
+    t = _tensors(method_dir / case["file"])
+    assert case["weights"]["prefix"] == "state_dict."
+    den = _denoiser(method_dir / case["weights"]["file"],
+                    json.dumps(case["constructor_kwargs"]["kpipeline_config_model_section"]))
+    x, sigma, cond = t["input.x"], t["input.sigma"], t["input.unet_cond"]
+    net = den.inner_model.inner_model
+    c_skip, c_out, c_in = den.get_scalings(sigma)
+    details: Dict[str, torch.Tensor] = {}
+    aug_details: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        denoised = den(x, sigma, unet_cond=cond)
+        F_out, logvar = den.inner_model(x * c_in[:, None, None, None], sigma, unet_cond=cond, return_variance=True,
+                                        details=details)
+        denoised_aug = den(x, sigma, unet_cond=cond, aug_cond=t["input.aug_cond"])
+        net.mapping_output(sigma, t["input.aug_cond"], aug_details)
+    got = {"output.denoised": denoised, "output.F": F_out, "output.logvar": logvar, "output.c_skip": c_skip,
+           "output.c_out": c_out, "output.c_in": c_in, "output.timestep_embed": details["timestep_embed"],
+           "output.mapping_out": details["mapping_out"], "output.denoised_aug_cond": denoised_aug,
+           "output.mapping_out_aug_cond": aug_details["mapping_out"]}
+    for output in case["outputs"]:
+        _assert_close(case, output, got[output], t[output])
+
+
 HANDLERS = {
+    "name:c_image_v1_denoiser": denoiser_case,
+    "name:c2_image_v1_multihead": denoiser_case,
     "name:b_nerf_render": nerf_render_case,
     "name:a2_input_unet": input_unet_case,
     "name:a1_dlv3_decoder": decoder_case,

@@ -192,7 +192,41 @@ def denoiser_case(case: dict, method_dir: Path) -> None:
         _assert_close(case, output, got[output], t[output])
 
 
+# --------------------------------------------------------------------------- d: Karras sigmas + Euler churn
+
+def sampler_case(case: dict, method_dir: Path) -> None:
+    t = _tensors(method_dir / case["file"])
+    section = case["constructor_kwargs"]["kpipeline_config_model_section"]
+    den = _denoiser(method_dir / case["weights"]["file"], json.dumps(section))
+    cond = t["input.unet_cond"]
+    n = t["output.sigma_hat"].shape[0]
+    smin, smax = section["sigma_min"], section["sigma_max"]
+    got = {"output.sigmas": genvs_sampler.karras_sigmas(n, smin, smax)}
+    for stochastic, prefix in ((True, "output."), (False, "output.det.")):
+        record = []
+        for noise in (genvs_sampler.ReplayNoise(t["input.x_noise"], t["input.step_noise"]),
+                      genvs_sampler.BatchNoise(5107)):  # the seed alone reproduces the draws
+            calls = []
+            with torch.no_grad():
+                x_final = genvs_sampler.sample(den, cond, steps=n, stochastic=stochastic, sigma_min=smin, sigma_max=smax,
+                                               noise=noise, callback=calls.append, progress=silent_progress,
+                                               return_unclipped=True)
+            record.append((x_final, calls))
+        (x_final, calls), (x_seeded, _) = record
+        assert torch.equal(x_final, x_seeded), "seeded draws differ from the recorded ones"
+        got[prefix + "x_final"] = x_final
+        got[prefix + "sample"] = x_final.clip(-1, 1)
+        got[prefix + "sigma_hat"] = torch.stack([c["sigma_hat"] for c in calls])
+        got[prefix + "denoised"] = torch.stack([c["denoised"] for c in calls])
+        got[prefix + ("x_hat" if stochastic else "x_in")] = torch.stack([c["x_hat"] for c in calls])
+        if stochastic:
+            got["output.x_before_churn"] = torch.stack([c["x_before_churn"] for c in calls])
+    for output in case["outputs"]:
+        _assert_close(case, output, got[output], t[output])
+
+
 HANDLERS = {
+    "sampler": sampler_case,
     "name:c_image_v1_denoiser": denoiser_case,
     "name:c2_image_v1_multihead": denoiser_case,
     "name:b_nerf_render": nerf_render_case,

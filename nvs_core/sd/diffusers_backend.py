@@ -44,14 +44,32 @@ class CrossAttentionLayer:
     attn2: nn.Module        # the block's cross-attention
 
 
-def cross_attention_layers(unet: nn.Module) -> List[CrossAttentionLayer]:
-    """The 16 cross-attention layers of an SD 1.x/2.x ``UNet2DConditionModel``, index 0..15 in call order."""
+def attention_names_in_call_order(unet: nn.Module) -> List[str]:
+    """The Transformer2DModel names of any ``UNet2DConditionModel`` layout, in call order (down, mid, up)."""
+    names = []
+    for group in ("down_blocks", "up_blocks"):
+        if group == "up_blocks" and getattr(getattr(unet, "mid_block", None), "attentions", None) is not None:
+            names += [f"mid_block.attentions.{j}" for j in range(len(unet.mid_block.attentions))]
+        for i, block in enumerate(getattr(unet, group)):
+            names += [f"{group}.{i}.attentions.{j}" for j in range(len(getattr(block, "attentions", None) or ()))]
+    return names
+
+
+def cross_attention_layers(unet: nn.Module, any_layout: bool = False) -> List[CrossAttentionLayer]:
+    """The 16 cross-attention layers of an SD 1.x/2.x ``UNet2DConditionModel``, index 0..15 in call order.
+
+    ``any_layout=True`` accepts other block layouts (e.g. the tiny 2-level UNets of golden fixtures): the
+    layers are then every transformer block in call order, however many there are."""
     cross = [name for name, module in unet.named_modules()
              if name.endswith(".attn2") and getattr(module, "is_cross_attention", False)]
-    if len(cross) != NUM_LAYERS:
+    if any_layout:
+        names = attention_names_in_call_order(unet)
+    elif len(cross) != NUM_LAYERS:
         raise ValueError(f"expected an SD 1.x/2.x UNet with {NUM_LAYERS} cross-attention layers, found {len(cross)}")
+    else:
+        names = DIFFUSERS_ATTENTIONS
     layers = []
-    for index, name in enumerate(DIFFUSERS_ATTENTIONS):
+    for index, name in enumerate(names):
         try:
             transformer = unet.get_submodule(name)
         except AttributeError:
@@ -162,15 +180,17 @@ def _block_forward_with_hook(block, layer: int, call: _ActiveCall, hidden_states
 
 class DiffusersSDBackend(SDBackend):
     """SD 1.x/2.x from diffusers/transformers modules. ``text_encoder``/``tokenizer``/``vae`` are optional
-    (capabilities that need a missing one raise a ValueError naming it)."""
+    (capabilities that need a missing one raise a ValueError naming it). ``any_layout=True`` also takes
+    UNets with another transformer-block count (``num_layers`` of them, in call order)."""
 
     def __init__(self, unet: nn.Module, text_encoder: Optional[nn.Module] = None, tokenizer=None,
                  vae: Optional[nn.Module] = None, schedule: Optional[NoiseSchedule] = None,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", any_layout: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet_model = unet
-        self.layers = cross_attention_layers(unet)
+        self.layers = cross_attention_layers(unet, any_layout)
+        self.num_layers = len(self.layers)
         self._text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae

@@ -150,3 +150,46 @@ def tiny_backend_with_tokenizer(seed=0, prediction_type="epsilon"):
     backend = tiny_backend(seed, prediction_type)
     backend.tokenizer = TinyTokenizer()
     return backend
+
+
+def unet_config_from_ldm(model_channels: int, channel_mult, num_res_blocks: int, attention_resolutions,
+                         num_head_channels: int, context_dim: int, sample_size: int = 8,
+                         use_linear_in_transformer: bool = True) -> dict:
+    """diffusers ``UNet2DConditionModel`` kwargs for an LDM ``UNetModel`` (any level count; heads from
+    ``num_head_channels``; a level has attention when 2**level is in ``attention_resolutions``)."""
+    widths = [model_channels * m for m in channel_mult]
+    attention = [2 ** level in attention_resolutions for level in range(len(widths))]
+    return dict(sample_size=sample_size, in_channels=4, out_channels=4,
+                down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+                up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+                block_out_channels=tuple(widths), layers_per_block=num_res_blocks,
+                attention_head_dim=tuple(w // num_head_channels for w in widths), cross_attention_dim=context_dim,
+                norm_num_groups=32, use_linear_projection=use_linear_in_transformer)
+
+
+def unet_from_ldm_state_dict(config: dict, state: dict):
+    """A diffusers UNet with the weights of an LDM state dict (keys without ``model.diffusion_model.``),
+    converted by diffusers' own ``convert_ldm_unet_checkpoint``; every key must be used."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = UNet2DConditionModel(**config)
+    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in state.items()}, unet.config)
+    missing, unexpected = unet.load_state_dict(converted, strict=False)
+    if missing or unexpected or len(converted) != len(state):
+        raise ValueError(f"LDM UNet weights do not fit the config: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, {len(state)} given, {len(converted)} converted")
+    return unet.train(False).requires_grad_(False)
+
+
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
+
+
+def tiny_clip_vision(seed=0, **overrides):
+    """A tiny ``CLIPVisionModelWithProjection`` (the CLIP ViT-H image-embedding role, width 32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.CLIPVisionConfig(**{**TINY_CLIP_VISION, **overrides})
+    return transformers.CLIPVisionModelWithProjection(config).train(False).requires_grad_(False)

@@ -1,0 +1,141 @@
+"""The NVS-Adapter's trainable modules and the per-block computation that runs after self-attention.
+
+``NVSAdapter`` holds only the adapter (the frozen SD UNet stays in the user's SD model): per wrapped block a
+learnable-query composer (``support_emb``, ``support_query_attn``, ``query_out_attn``), the cross-view
+attention to the reference view (``cross_view_attn_module``) and the attention to the CLIP image embedding
+(``image_attn_module``); and the four ray projections ``pe_blocks``. Its ``state_dict()`` keys are the
+published ``ThreeDiMAdapter`` keys (``unet.input_blocks.1.1.transformer_blocks.0.support_emb``,
+``pe_blocks.0.weight``, ...), so checkpoints map 1:1.
+
+``AdapterBlock.after_self_attention`` is steps 2-4 of the published ``ThreeDiMBasicTransformerBlock._forward``
+(released modes: ``learnable_emb`` composer, ``support_sattn_mq`` view attention, ``query_only`` image
+attention), run on the hidden states right after the frozen ``x = attn1(norm1(x)) + x``. Rows are
+``[reference of object 0..B-1, then queries b0q0, b0q1, ..., b1q0, ...]``. Upstream quirks kept:
+- posemb is added to the q/k/v inputs of the composer and of the cross-view attention only;
+- the composer gives 0 to the reference rows; the learnable tokens are shared by all objects;
+- the reference rows attend to themselves, each query view only to its own object's reference;
+- the image attention returns the reference rows themselves, so after the residual they are doubled
+  (x_ref <- 2 x_ref) in every block.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterLayer, NVSAdapterConfig
+
+
+class AdapterAttention(nn.Module):
+    """The published sgm ``CrossAttention``: q/k/v without bias, ``to_out.0`` Linear with bias, SDPA."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class AdapterBlock(nn.Module):
+    """The adapter modules of one wrapped transformer block (names as in the published checkpoint)."""
+
+    def __init__(self, dim: int, heads: int, tokens: int, image_context_dim: int):
+        super().__init__()
+        self.support_emb = nn.Parameter(torch.randn(1, tokens, dim))
+        self.cross_view_attn_module = AdapterAttention(dim, heads, dim)
+        self.image_attn_module = AdapterAttention(dim, heads, image_context_dim)
+        self.support_query_attn = AdapterAttention(dim, heads, dim)
+        self.query_out_attn = AdapterAttention(dim, heads, dim)
+
+    def compose_queries(self, y: torch.Tensor, objects: int, queries: int) -> torch.Tensor:
+        """Step 2 (without the residual): 0 for the reference rows, the composed update for the queries."""
+        support, query = torch.split(y, [objects, objects * queries], dim=0)
+        query = query.unflatten(0, (objects, queries)).flatten(1, 2)          # (B, Q*N, C)
+        learnable = self.support_emb.repeat((objects, 1, 1))
+        composed = self.support_query_attn(learnable, query)                  # (B, N_l, C)
+        out = self.query_out_attn(query, composed).unflatten(1, (queries, -1)).flatten(0, 1)
+        return torch.cat([torch.zeros_like(support), out], dim=0)
+
+    def cross_view(self, y: torch.Tensor, objects: int, queries: int) -> torch.Tensor:
+        """Step 3 (without the residual): reference self-attention, queries attend to their own reference."""
+        support, query = torch.split(y, [objects, objects * queries], dim=0)
+        module = self.cross_view_attn_module
+        support_out = module(support, support)
+        repeated = support[:, None].repeat((1, queries, 1, 1)).flatten(0, 1)
+        return torch.cat([support_out, module(query, repeated)], dim=0)
+
+    def image_attention(self, x: torch.Tensor, image_context: torch.Tensor, objects: int) -> torch.Tensor:
+        """Step 4 (without the residual): the reference rows are returned unchanged (upstream quirk)."""
+        support, query = torch.split(x, [objects, x.shape[0] - objects], dim=0)
+        return torch.cat([support, self.image_attn_module(query, image_context[objects:])], dim=0)
+
+    def after_self_attention(self, x: torch.Tensor, posemb: torch.Tensor, image_context: torch.Tensor,
+                             objects: int, queries: int) -> torch.Tensor:
+        """Steps 2-4 on hidden ``x`` (V, N, C) with posemb tokens (V, N, C) and image rows (V, 1, D_img)."""
+        x = self.compose_queries(x + posemb, objects, queries) + x
+        x = self.cross_view(x + posemb, objects, queries) + x
+        return self.image_attention(x, image_context, objects) + x
+
+
+class _Wrapped(nn.Module):
+    """Keeps the published key path ``<block>.transformer_blocks.0.<module>``."""
+
+    def __init__(self, block: AdapterBlock):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([block])
+
+
+class NVSAdapter(nn.Module):
+    """All adapter tensors of one NVS-Adapter model (344 tensors / 217,126,080 parameters at full size)."""
+
+    def __init__(self, config: NVSAdapterConfig = NVSAdapterConfig()):
+        super().__init__()
+        self.config = config
+        self.unet = nn.Module()
+        blocks: List[AdapterBlock] = []
+        for layer in config.layers():
+            block = AdapterBlock(layer.channels, layer.heads, layer.tokens, config.image_context_dim)
+            self._place(layer, block)
+            blocks.append(block)
+        self.__dict__["_blocks"] = blocks  # call order; not registered twice
+        self.pe_blocks = nn.ModuleList([
+            nn.Conv2d(config.posemb_dim, width, kernel_size=2 ** level, stride=2 ** level)
+            for level, width in enumerate(config.widths)])
+
+    def _place(self, layer: AdapterLayer, block: AdapterBlock) -> None:
+        parts = layer.name.split(".")  # e.g. input_blocks.1.1 / middle_block.1
+        parent = self.unet
+        if not hasattr(parent, parts[0]):
+            parent.add_module(parts[0], nn.ModuleDict())
+        parent = getattr(parent, parts[0])
+        for part in parts[1:-1]:
+            if part not in parent:
+                parent[part] = nn.ModuleDict()
+            parent = parent[part]
+        parent[parts[-1]] = _Wrapped(block)
+
+    @property
+    def layers(self) -> List[AdapterLayer]:
+        return self.config.layers()
+
+    def block(self, index: int) -> AdapterBlock:
+        return self._blocks[index]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._blocks)
+
+    def posemb(self, rays: torch.Tensor, level: int) -> torch.Tensor:
+        """pe_blocks[level] of the ray embedding rows (V, posemb_dim, h, w) -> (V, width, h/2^l, w/2^l)."""
+        conv = self.pe_blocks[level]
+        return conv(rays.to(dtype=conv.weight.dtype, device=conv.weight.device))

@@ -1,0 +1,148 @@
+"""One NVS-Adapter network evaluation through the SD backend interface (``ThreeDiMAdapter.forward``).
+
+``build_batch`` turns per-object inputs into the UNet batch the published code runs:
+- rows ``[reference of object 0..B-1, then query views b0q0, b0q1, ..., b1q0, ...]`` (V = B (1+Q));
+- per-row timesteps: queries get the object's t; the reference row gets 0 and its latents enter clean and
+  *unscaled* (no c_in);
+- unconditional objects (``uncond`` mask, the in-model CFG drop ``ThreeDiMCondDrop``): rays 0 (so posemb is
+  the pe-conv bias), image embedding 0, reference latents replaced by fresh unscaled N(0, 1) and reference
+  timestep 999; text and query latents unchanged;
+- text and image contexts repeated per view, rays split into reference and query rows.
+
+``adapter_eps`` runs the frozen SD UNet through ``SDBackend.unet`` (one COND chunk: the CFG halves are
+objects of the batch, not ComfyUI chunks) with an ``after_self_attention`` patch (``AdapterHook``) that runs
+the adapter's steps 2-4 at every wrapped block, and returns the query rows' eps (B, Q, 4, h, w).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..sd.interface import COND, BlockCall, SDBackend, UNetPatches
+from .model import NVSAdapter
+
+MAX_TIMESTEP = 999
+# (number of unconditional objects, reference latent shape (1, 4, h, w)) -> N(0, 1) draw of that shape
+NoiseSource = Callable[[torch.Size], torch.Tensor]
+
+
+@dataclass
+class AdapterBatch:
+    latents: torch.Tensor     # (V, 4, h, w)
+    timesteps: torch.Tensor   # (V,) int64
+    text: torch.Tensor        # (V, T, D)
+    image: torch.Tensor       # (V, 1, D_img)
+    rays: torch.Tensor        # (V, 144, h, w)
+    objects: int
+    queries: int
+
+
+def build_batch(query_latents: torch.Tensor, timesteps: torch.Tensor, text_context: torch.Tensor,
+                image_context: torch.Tensor, rays_context: torch.Tensor, reference_latents: torch.Tensor,
+                uncond: Optional[torch.Tensor] = None, noise: Optional[NoiseSource] = None,
+                generator: Optional[torch.Generator] = None) -> AdapterBatch:
+    """The published row layout (see module doc). Shapes: query_latents (B, Q, 4, h, w), timesteps (B,),
+    text (B, T, D), image (B, 1, D_img), rays (B, 1+Q, 144, h, w), reference_latents (B, 1, 4, h, w),
+    uncond (B,) bool. The unconditional reference latents come from ``noise(shape)`` if given, else
+    ``torch.randn`` with ``generator``."""
+    objects, queries = query_latents.shape[:2]
+    if queries < 1:
+        raise ValueError("query latents: expected at least one target view, got 0")
+    if reference_latents.shape[:2] != (objects, 1) or reference_latents.shape[2:] != query_latents.shape[2:]:
+        raise ValueError(f"reference latents: expected shape {(objects, 1, *query_latents.shape[2:])}, "
+                         f"got {tuple(reference_latents.shape)}")
+    if rays_context.shape[:2] != (objects, 1 + queries):
+        raise ValueError(f"rays context: expected ({objects}, {1 + queries}, 144, h, w) for {queries} target views, "
+                         f"got {tuple(rays_context.shape)}")
+    device = query_latents.device
+    uncond = (torch.zeros(objects, dtype=torch.bool) if uncond is None
+              else torch.as_tensor(uncond, dtype=torch.bool).reshape(-1)).to(device)
+    timesteps = torch.as_tensor(timesteps, device=device).reshape(-1).long().expand(objects)
+    rays, reference, image = rays_context.clone(), reference_latents.clone(), image_context.clone()
+    rays[uncond] = 0.0
+    if bool(uncond.any()):
+        shape = reference[uncond].shape
+        drawn = noise(shape) if noise is not None else torch.randn(shape, generator=generator,
+                                                                   device=generator.device if generator else device)
+        if tuple(drawn.shape) != tuple(shape):
+            raise ValueError(f"reference noise: expected shape {tuple(shape)}, got {tuple(drawn.shape)}")
+        reference[uncond] = drawn.to(reference)
+    image[uncond] = 0.0
+    reference_t = torch.zeros_like(timesteps)
+    reference_t[uncond] = MAX_TIMESTEP
+    return AdapterBatch(
+        latents=torch.cat([reference.flatten(0, 1), query_latents.flatten(0, 1)]),
+        timesteps=torch.cat([reference_t, timesteps.repeat_interleave(queries)]),
+        text=torch.cat([text_context, text_context[:, None].repeat((1, queries, 1, 1)).flatten(0, 1)]),
+        image=torch.cat([image, image[:, None].repeat((1, queries, 1, 1)).flatten(0, 1)]),
+        rays=torch.cat([rays[:, 0], rays[:, 1:].flatten(0, 1)]),
+        objects=objects, queries=queries)
+
+
+class AdapterHook:
+    """The ``after_self_attention`` patch of one batched UNet call (posemb per level computed once)."""
+
+    def __init__(self, adapter: NVSAdapter, batch: AdapterBatch):
+        self.adapter, self.batch = adapter, batch
+        self.layers = adapter.layers
+        self._posemb: Dict[int, torch.Tensor] = {}
+
+    def posemb_tokens(self, level: int) -> torch.Tensor:
+        if level not in self._posemb:
+            posemb = self.adapter.posemb(self.batch.rays, level)
+            self._posemb[level] = posemb.flatten(2).transpose(1, 2)  # (V, h*w, C), row-major like "b (h w) c"
+        return self._posemb[level]
+
+    def __call__(self, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        if call.layer >= len(self.layers):
+            raise ValueError(f"the UNet has a transformer block {call.layer}, the NVS-Adapter only "
+                             f"{len(self.layers)}: the adapter does not fit this SD model")
+        layer = self.layers[call.layer]
+        if hidden.shape[0] != self.batch.latents.shape[0] or hidden.shape[-1] != layer.channels:
+            raise ValueError(f"layer {call.layer} ({layer.name}): the adapter expects {self.batch.latents.shape[0]} "
+                             f"rows of width {layer.channels}, the UNet gave {tuple(hidden.shape)} (an SD model of "
+                             "another family than the adapter's?)")
+        tokens = self.posemb_tokens(layer.level)
+        if tokens.shape[1] != hidden.shape[1]:
+            raise ValueError(f"layer {call.layer} ({layer.name}): {hidden.shape[1]} tokens in the UNet, "
+                             f"{tokens.shape[1]} in the ray embedding (latents and rays on different grids?)")
+        block = self.adapter.block(call.layer)
+        dtype = block.support_emb.dtype
+        out = block.after_self_attention(hidden.to(dtype), tokens.to(dtype), self.batch.image.to(hidden.device, dtype),
+                                         self.batch.objects, self.batch.queries)
+        return out.to(hidden.dtype)
+
+
+def check_backend(backend: SDBackend, adapter: NVSAdapter) -> None:
+    """Clear errors for an SD model the adapter was not made for."""
+    if backend.prediction_type != "epsilon":
+        raise ValueError(f"NVS-Adapter needs an eps-prediction SD model (SD 2.1 base for the released adapter), "
+                         f"got a {backend.prediction_type} model (SD 2.1-768?)")
+    layers = getattr(backend, "num_layers", None)
+    if layers is not None and layers != adapter.num_layers:
+        raise ValueError(f"the SD model has {layers} transformer blocks, the NVS-Adapter expects "
+                         f"{adapter.num_layers}")
+
+
+def adapter_eps(backend: SDBackend, adapter: NVSAdapter, batch: AdapterBatch) -> torch.Tensor:
+    """eps of the query views (B, Q, 4, h, w) for one built batch (see module doc)."""
+    if batch.text.shape[-1] != adapter.config.context_dim:
+        raise ValueError(f"text context width {batch.text.shape[-1]}: the NVS-Adapter was trained with SD "
+                         f"text contexts of width {adapter.config.context_dim} (SD 2.x); is this an SD 1.x model?")
+    if batch.image.shape[-1] != adapter.config.image_context_dim:
+        raise ValueError(f"image embedding width {batch.image.shape[-1]}: expected {adapter.config.image_context_dim} "
+                         "(the projected CLIP ViT-H image embedding)")
+    hook = AdapterHook(adapter, batch)
+    output = backend.unet(batch.latents, batch.timesteps, batch.text, (COND,), UNetPatches(after_self_attention=hook))
+    return output[batch.objects:].unflatten(0, (batch.objects, batch.queries))
+
+
+def adapter_forward(backend: SDBackend, adapter: NVSAdapter, query_latents, timesteps, text_context, image_context,
+                    rays_context, reference_latents, uncond=None, noise: Optional[NoiseSource] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``ThreeDiMAdapter.forward``: build the batch, run the patched UNet, return the queries' eps."""
+    batch = build_batch(query_latents, timesteps, text_context, image_context, rays_context, reference_latents,
+                        uncond, noise, generator)
+    return adapter_eps(backend, adapter, batch)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 from nvs_core.checkpoints import load_safetensors
+from nvs_core.convert import convert
 from nvs_core.genvs import cameras as genvs_cameras
 from nvs_core.genvs import sampler as genvs_sampler
 from nvs_core.genvs.config import DenoiserConfig, tiny_config
@@ -225,7 +227,66 @@ def sampler_case(case: dict, method_dir: Path) -> None:
         _assert_close(case, output, got[output], t[output])
 
 
+# --------------------------------------------------------------------------- e: genvs.pt loading
+
+def _pipeline_outputs(model, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    images = t["input.images"]
+    targets01 = 0.5 * (images + 1)
+    with torch.no_grad():
+        unet_input = preprocess(targets01.reshape(-1, *images.shape[2:]))
+        volume = model.encode(targets01)
+        src = SourceViews(volume, t["input.src_pose"], t["input.camera_k"])
+        features, depth, opacity = model.render(src, t["input.tgt_pose"], t["input.intrinsics"], size=8,
+                                                draws=RenderDraws(t["input.render.jitter_rand"]))
+        cond = model.condition(features)
+        denoised = model.ddpm_pipeline(t["input.x_sigma"], t["input.sigma"], unet_cond=cond)
+        calls = []
+        sample = genvs_sampler.sample(model.ddpm_pipeline, cond, steps=4, stochastic=True,
+                                      sigma_min=model.config.denoiser.sigma_min,
+                                      sigma_max=model.config.denoiser.sigma_max,
+                                      noise=genvs_sampler.ReplayNoise(t["input.sample.x_noise"],
+                                                                      t["input.sample.step_noise"]),
+                                      callback=calls.append, progress=silent_progress)
+    return {"output.pipeline.unet_input": unet_input, "output.pipeline.volume": volume,
+            "output.pipeline.features": features, "output.pipeline.depth": depth, "output.pipeline.opacity": opacity,
+            "output.pipeline.cond": cond, "output.pipeline.denoised_at_sigma": denoised,
+            "output.pipeline.denoised_steps": torch.stack([c["denoised"] for c in calls]),
+            "output.pipeline.sample": sample}
+
+
+def checkpoint_case(case: dict, method_dir: Path) -> None:
+    structure = json.loads((method_dir / "case_e_expected_structure.json").read_text())
+    t = _tensors(method_dir / "case_e_checkpoint_expected.safetensors")
+    expected = _prefixed(t, "expected.state_dict.")
+    ckpt = load_genvs_checkpoint(method_dir / case["file"])
+    assert list(ckpt.state_dict) == structure["canonical_key_order"]
+    assert len(ckpt.state_dict) == structure["canonical_num_entries"] == len(expected)
+    for key, tensor in ckpt.state_dict.items():
+        _assert_close(case, "expected.state_dict." + key, tensor, expected[key])
+    assert ckpt.extras["step"] == structure["step"] and ckpt.extras["epoch"] == structure["epoch"]
+    assert ckpt.config.resolution_z == 4 and ckpt.config.nerf.hidden_dim == 64
+
+    model = load_genvs(method_dir / case["file"])
+    got = _pipeline_outputs(model, t)
+    for output in case["outputs"]:
+        if output != "expected.state_dict.*":
+            _assert_close(case, output, got[output], t[output])
+
+    # The converter writes safetensors + JSON that load back to the same network.
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "genvs_tiny.safetensors"
+        convert(method_dir / case["file"], "genvs", out)
+        assert out.with_suffix(".json").is_file()
+        back = load_genvs_checkpoint(out)
+        assert back.config.to_dict() == ckpt.config.to_dict()
+        assert set(back.state_dict) == set(ckpt.state_dict)  # safetensors sorts its keys
+        assert all(torch.equal(back.state_dict[k], v) for k, v in ckpt.state_dict.items())
+        again = _pipeline_outputs(load_genvs(out), t)
+        assert all(torch.equal(again[k], got[k]) for k in got)
+
+
 HANDLERS = {
+    "checkpoint_load": checkpoint_case,
     "sampler": sampler_case,
     "name:c_image_v1_denoiser": denoiser_case,
     "name:c2_image_v1_multihead": denoiser_case,

@@ -210,6 +210,67 @@ def scene_from_images(images: torch.Tensor, cameras: Optional[Cameras], represen
     return scene_from_multiview(MultiView(images[..., :3], cameras), representation, object_token, name, **kwargs)
 
 
+def scenes_from_dtu(root: PathLike, scans: Sequence[int], subset: int = 3, calibration: Optional[PathLike] = None,
+                    object_tokens: Optional[Sequence[str]] = None, size: Optional[Sequence[int]] = (512, 384),
+                    light=3) -> Tuple[List[TrainingScene], DTUCameraRange]:
+    """DTU scans (Rectified images of ``dtu_subset`` 1/3/6/9/...) with upstream's view tokens, made from the
+    calibration files' own matrices, and the 64-camera range of that calibration (``nvs_core.dtu``).
+
+    Object placeholders default to ``<object>`` for one scan and ``<scan{ID}>`` for several (mode 3)."""
+    from .. import dtu
+
+    scans = [int(s) for s in scans]
+    if not scans:
+        raise ValueError("dtu_scans: give at least one DTU scan number, e.g. 114")
+    if object_tokens is None:
+        object_tokens = [DEFAULT_OBJECT_TOKEN] if len(scans) == 1 else [f"<scan{s}>" for s in scans]
+    if len(object_tokens) != len(scans):
+        raise ValueError(f"{len(scans)} DTU scans but {len(object_tokens)} object placeholders")
+    scenes, calib = [], None
+    for scan, token in zip(scans, object_tokens):
+        views = dtu.load_dtu_scan(root, scan, views=int(subset), light=light,
+                                  size=None if size is None else tuple(size), calibration=calibration)
+        folder = Path(calibration) if calibration is not None else dtu.default_calibration_folder(
+            root, dtu.find_scan_folder(root, scan))
+        if calib is None:
+            calib = DTUCalibration.from_folder(folder)
+        scenes.append(scene_from_multiview(views, "dtu-12d", token, f"scan{scan}", calib, dtu.dtu_camera_ids(views)))
+    return scenes, calib.camera_range()
+
+
+def scenes_from_multiview(views: MultiView, representation: str = "auto", object_tokens: Optional[Sequence[str]] = None,
+                          dtu_calibration: Optional[DTUCalibration] = None, split_scans: bool = False
+                          ) -> List[TrainingScene]:
+    """Scenes from one ``NVS_MULTIVIEW``. "auto": DTU tokens for views named by ``load_dtu_scan`` (``scan{ID}_cam{k}``),
+    spherical tokens otherwise. ``split_scans`` (mode 3): one scene per DTU scan of a concatenated multi-view."""
+    from .. import dtu
+
+    if not isinstance(views, MultiView):
+        raise ValueError(f"multiview: expected an NVS_MULTIVIEW, got {type(views).__name__}")
+    if len(views) == 0:
+        raise ValueError("multiview: the training set is empty")
+    is_dtu = views.names is not None and all(dtu._VIEW_NAME_RE.match(n) for n in views.names)
+    if representation == "auto":
+        representation = "dtu-12d" if is_dtu else "spherical"
+    groups = [list(range(len(views)))]
+    names = [""]
+    if split_scans and is_dtu:
+        scan_ids = dtu.dtu_scan_ids(views)
+        order = list(dict.fromkeys(scan_ids))
+        groups = [[i for i, s in enumerate(scan_ids) if s == scan] for scan in order]
+        names = [f"scan{scan}" for scan in order]
+    if object_tokens is None:
+        object_tokens = [DEFAULT_OBJECT_TOKEN] if len(groups) == 1 else [f"<{n}>" for n in names]
+    if len(object_tokens) != len(groups):
+        raise ValueError(f"{len(groups)} scenes but {len(object_tokens)} object placeholders")
+    scenes = []
+    for group, token, name in zip(groups, object_tokens, names):
+        part = views[group]
+        keys = dtu.dtu_camera_ids(part) if representation == "dtu-12d" and is_dtu else None
+        scenes.append(scene_from_multiview(part, representation, token, name, dtu_calibration if keys else None, keys))
+    return scenes
+
+
 # --------------------------------------------------------------------------------------- config
 
 @dataclass

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import load_pack
+from tests.paths import GOLDEN_DIR
 
 pack = load_pack()
 core = sys.modules[f"{pack.__name__}.nvs_core"]
@@ -48,6 +49,8 @@ OVERRIDES = {
     "NVSVIVIDSampler": lambda tmp: {"source_image": _example("IMAGE")[:1], "source_camera": _example("NVS_CAMERA")[0],
                                     "steps": 2},
     "NVSVIVIDTrain": lambda tmp: {"network": "tiny 16px", "steps": 2, "batch_size": 2},
+    "NVSViewNeTILoader": lambda tmp: {"view_mapper": str(GOLDEN_DIR / "viewneti/checkpoints/mapper-steps-10_view.pt"),
+                                      "dtu_calibration": str(GOLDEN_DIR / "viewneti/cal18_synthetic")},
 }
 
 

@@ -282,6 +282,88 @@ def _read_image(path: Path):
     return (t[..., :3], t[..., 3]) if has_alpha else (t, None)
 
 
+# --------------------------------------------------------------------- SRN layout
+def load_srn(instance_dir: PathLike, views: Optional[Sequence[str]] = None, intrinsics: str = "first",
+             k_image_size: Optional[Sequence[int]] = None,
+             background: Union[str, Sequence[float], None] = "white") -> MultiView:
+    """One SRN instance (``cars_train/<id>/``: ``rgb/<view>.png``, ``pose/<view>.txt`` with the 16 numbers
+    of an OpenCV camera-to-world matrix in a +Z-up world, ``intrinsics/<view>.txt`` with a 3x3 K, or
+    the original instance-level ``intrinsics.txt``) into a :class:`MultiView`.
+
+    ``views``: image names in the order wanted (with or without extension; repeats allowed, as the
+    GeNVS loader produces); default all images, sorted. ``intrinsics="first"`` reproduces the published
+    GeNVS loader, which reads the first listed view's K and uses it for every view; ``"per_view"``
+    reads each view's own file. ``k_image_size`` (W, H) is the image size K refers to; by default it is
+    taken as twice the principal point (SRN's 512-px K for 128-px images). ``background=None`` drops
+    alpha as the published loader does; otherwise alpha is composited on that colour.
+    """
+    root = Path(instance_dir)
+    rgb_dir = root / "rgb"
+    if not rgb_dir.is_dir() or not (root / "pose").is_dir():
+        raise FileNotFoundError(f"{root}: expected an SRN instance folder with rgb/ and pose/ (and intrinsics/ "
+                                "or intrinsics.txt)")
+    if intrinsics not in ("first", "per_view"):
+        raise ValueError(f"intrinsics must be 'first' or 'per_view', got {intrinsics!r}")
+    all_files = sorted((p for p in rgb_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
+    if views is None:
+        files = all_files
+    else:
+        by_stem = {p.stem: p for p in all_files}
+        files = []
+        for v in views:
+            stem = Path(str(v)).stem
+            if stem not in by_stem:
+                raise FileNotFoundError(f"{rgb_dir}: no image for view {v!r}")
+            files.append(by_stem[stem])
+    if not files:
+        raise ValueError(f"{rgb_dir}: no images")
+    bg = None if background is None else _background(background)
+    images = []
+    for f in files:
+        rgb, alpha = _read_image(f)
+        if alpha is not None and bg is not None:
+            rgb = rgb * alpha[..., None] + bg * (1 - alpha[..., None])
+        if images and rgb.shape != images[0].shape:
+            raise ValueError(f"{f} is {rgb.shape[1]}x{rgb.shape[0]} but {files[0]} is "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; all images must share one size")
+        images.append(rgb)
+    h, w = images[0].shape[:2]
+    Ks = [_srn_K(root, f.stem) for f in (files[:1] * len(files) if intrinsics == "first" else files)]
+    flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
+    cams = []
+    for f, K in zip(files, Ks):
+        pose = _read_numbers(root / "pose" / f"{f.stem}.txt", 16).reshape(4, 4)
+        kw, kh = k_image_size if k_image_size is not None else (round(2 * float(K[0, 2])), round(2 * float(K[1, 2])))
+        try:
+            # OpenCV camera in a Z-up world = OpenGL camera axes (y, z flipped) in a Blender-style world
+            cams.append(Cameras.from_c2w(pose @ flip, K, int(kw), int(kh), convention="blender"))
+        except ValueError as e:
+            raise ValueError(f"{root / 'pose' / (f.stem + '.txt')}: {e}") from None
+    cameras = Cameras.cat([c.with_size(int(cams[0].width), int(cams[0].height)) for c in cams])
+    return MultiView(torch.stack(images), cameras.with_size(w, h), names=[f.stem for f in files])
+
+
+def _read_numbers(path: Path, count: int) -> torch.Tensor:
+    try:
+        values = [float(x) for x in path.read_text().split()]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read {count} numbers ({e})") from None
+    if len(values) < count:
+        raise ValueError(f"{path}: expected {count} numbers, found {len(values)}")
+    return torch.tensor(values[:count], dtype=torch.float64)
+
+
+def _srn_K(root: Path, stem: str) -> torch.Tensor:
+    per_view = root / "intrinsics" / f"{stem}.txt"
+    if per_view.is_file():
+        return _read_numbers(per_view, 9).reshape(3, 3)
+    shared = root / "intrinsics.txt"
+    if shared.is_file():  # original SRN: "f cx cy 0" on the first line
+        f, cx, cy = _read_numbers(shared, 3).tolist()
+        return torch.tensor([[f, 0, cx], [0, f, cy], [0, 0, 1]], dtype=torch.float64)
+    raise FileNotFoundError(f"{root}: no intrinsics/{stem}.txt and no intrinsics.txt")
+
+
 # --------------------------------------------------------------------- writing
 def save_folder(multiview: MultiView, folder: PathLike) -> Path:
     """Write ``<name>.png`` per view (RGBA with the mask as alpha when masks exist) and cameras.json.

@@ -34,6 +34,7 @@ class GeNVSCameras:
     intrinsics: torch.Tensor
     camera_k: torch.Tensor
     render_size: int = 64
+    camera_d: Optional[torch.Tensor] = None   # |t| of the first pose (float64); the renderer does not use it
 
     def __len__(self) -> int:
         return self.poses.shape[0]
@@ -41,7 +42,7 @@ class GeNVSCameras:
     def __getitem__(self, index) -> "GeNVSCameras":
         if isinstance(index, int):
             index = [index]
-        return GeNVSCameras(self.poses[index], self.intrinsics, self.camera_k, self.render_size)
+        return GeNVSCameras(self.poses[index], self.intrinsics, self.camera_k, self.render_size, self.camera_d)
 
 
 def opencv_to_opengl(c2w: torch.Tensor) -> torch.Tensor:
@@ -79,20 +80,23 @@ def srn_genvs_cameras(c2w_opencv: torch.Tensor, K: torch.Tensor, normalize: bool
 
 
 def to_genvs(cameras: Cameras, render_size: int = 64, intrinsics_from: int = 0,
-             scale: float = 1.0) -> GeNVSCameras:
+             scale: float = 1.0, normalize: bool = False) -> GeNVSCameras:
     """``NVS_CAMERA`` -> GeNVS poses and the intrinsics of camera ``intrinsics_from`` on the render grid.
 
     GeNVS uses one set of intrinsics for every view (the published loader reads the first view's
     only); ``scale`` multiplies camera positions (GeNVS scenes fill the cube [-1, 1]^3, SRN cameras sit
-    at distance 1.3).
+    at distance 1.3); ``normalize`` applies the training-time :func:`normalize_first_view`.
     """
     if len(cameras) == 0:
         raise ValueError("no cameras to convert")
     c2w = cameras.to_c2w("blender").clone()          # OpenGL camera axes in a Z-up world
     c2w[:, :3, 3] *= scale
+    camera_d = c2w[0, :3, 3].norm()
+    if normalize:
+        c2w = normalize_first_view(c2w)
     intr = cameras.intrinsics[intrinsics_from] * render_size
     camera_k = intr[0] / intr[2]
-    return GeNVSCameras(c2w.float(), intr.float(), camera_k.reshape(1), render_size)
+    return GeNVSCameras(c2w.float(), intr.float(), camera_k.reshape(1), render_size, camera_d)
 
 
 def from_genvs(poses: torch.Tensor, intrinsics: torch.Tensor, render_size: int = 64,
@@ -102,7 +106,7 @@ def from_genvs(poses: torch.Tensor, intrinsics: torch.Tensor, render_size: int =
     poses[:, :3, 3] /= scale
     fx, fy, cx, cy = torch.as_tensor(intrinsics, dtype=torch.float64).reshape(-1)[:4].tolist()
     K = torch.tensor([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=torch.float64)
-    cams = Cameras.from_c2w(poses, K, render_size, render_size, convention="blender")
+    cams = Cameras.from_c2w(poses, K.expand(len(poses), 3, 3), render_size, render_size, convention="blender")
     return cams.with_size(image_size, image_size) if image_size else cams
 
 

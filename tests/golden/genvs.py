@@ -20,6 +20,7 @@ from nvs_core.genvs.loading import genvs_from_state_dict, load_genvs, load_genvs
 from nvs_core.genvs.nerf import (NeRFField, RenderDraws, SourceViews, get_rays, near_far_from_bound, render_rays,
                                  render_views, upsample_condition)
 from nvs_core.genvs import orbit as genvs_orbit
+from nvs_core.multiview import load_srn
 from nvs_core.progress import silent_progress
 
 
@@ -285,7 +286,57 @@ def checkpoint_case(case: dict, method_dir: Path) -> None:
         assert all(torch.equal(again[k], got[k]) for k in got)
 
 
+# --------------------------------------------------------------------------- f: SRN cameras
+
+def _fake_srn(root: Path, view_order, c2w, K) -> None:
+    from PIL import Image
+
+    for sub in ("rgb", "pose", "intrinsics"):
+        (root / sub).mkdir(parents=True)
+    poses = {}
+    for name, pose in zip(view_order, c2w):
+        stem = Path(name).stem
+        assert stem not in poses or torch.equal(poses[stem], pose)
+        poses[stem] = pose
+    for k, (stem, pose) in enumerate(sorted(poses.items())):
+        Image.new("RGB", (8, 8), (255, 255, 255)).save(root / "rgb" / f"{stem}.png")
+        (root / "pose" / f"{stem}.txt").write_text(" ".join(repr(float(v)) for v in pose.reshape(-1)))
+        other = K if stem == Path(view_order[0]).stem else K * (1.1 + 0.1 * k)  # only the first view's K counts
+        (root / "intrinsics" / f"{stem}.txt").write_text(" ".join(repr(float(v)) for v in other.reshape(-1)))
+
+
+def srn_cameras_case(case: dict, method_dir: Path) -> None:
+    t = _tensors(method_dir / case["file"])
+    with tempfile.TemporaryDirectory() as tmp:
+        _fake_srn(Path(tmp), case["view_order"], t["input.c2w_opencv"], t["input.K"])
+        mv = load_srn(tmp, views=case["view_order"])
+        per_view = load_srn(tmp, views=case["view_order"], intrinsics="per_view")
+    assert not torch.equal(per_view.cameras.intrinsics, mv.cameras.intrinsics)
+    g = genvs_cameras.to_genvs(mv.cameras, render_size=64)
+    gn = genvs_cameras.to_genvs(mv.cameras, render_size=64, normalize=True)
+    raw = genvs_cameras.srn_genvs_cameras(t["input.c2w_opencv"], t["input.K"])
+    got = {"output.poses_opengl": g.poses, "output.poses_normalized": gn.poses, "output.intrinsics": g.intrinsics,
+           "output.camera_k": g.camera_k.reshape(()), "output.camera_d": g.camera_d}
+    for name, poses in (("", g.poses), ("normalized.", gn.poses)):
+        rays_o, rays_d = get_rays(poses, g.intrinsics, 64, 64)
+        got[f"output.{name}rays_o"], got[f"output.{name}rays_d"] = rays_o, rays_d
+        if not name:
+            near, far = near_far_from_bound(rays_o, rays_d, 1.0, 0.5)
+            got["output.near"], got["output.far"] = near[..., 0], far[..., 0]
+    for output in case["outputs"]:
+        _assert_close(case, output, got[output], t[output])
+    # The same values straight from the raw arrays, as the published dataset computes them.
+    _assert_close(case, "output.poses_opengl", raw["poses"], t["output.poses_opengl"])
+    _assert_close(case, "output.intrinsics", raw["intrinsics"], t["output.intrinsics"])
+    _assert_close(case, "output.camera_k", raw["camera_k"], t["output.camera_k"])
+    # and back: GeNVS -> NVS_CAMERA recovers the cameras
+    back = genvs_cameras.from_genvs(g.poses, g.intrinsics, 64)
+    assert torch.allclose(back.c2w, mv.cameras.c2w, atol=1e-6)
+    assert torch.allclose(back.intrinsics, mv.cameras.intrinsics, atol=1e-7)
+
+
 HANDLERS = {
+    "name:f_srn_cameras": srn_cameras_case,
     "checkpoint_load": checkpoint_case,
     "sampler": sampler_case,
     "name:c_image_v1_denoiser": denoiser_case,

@@ -1,10 +1,10 @@
-"""Command line: ``python -m nvs_core {demo,convert,vivid-train} ...``."""
+"""Command line: ``python -m nvs_core {demo,convert,vivid-train,dtu-eval} ...``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import convert
+from . import convert, dtu
 from .viewneti import training as viewneti_training
 from .vivid import training as vivid_training
 
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     convert.add_cli(sub)
     vivid_training.add_cli(sub)
     viewneti_training.add_cli(sub)
+    dtu.add_cli(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

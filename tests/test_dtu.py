@@ -130,3 +130,291 @@ def test_load_scan_errors(tmp_path):
         dtu.load_dtu_scan(root, SCAN, views=[22])
     with pytest.raises(ValueError, match="not a DTU view name"):
         dtu.parse_dtu_view_name("view_000")
+
+
+# ------------------------------------------------------------------- independent reference code
+def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Keys cubic (a = -0.75), half-pixel centres, edge clamping, no antialias: (n_out, n_in)."""
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        base = int(np.floor(src))
+        for tap in range(base - 1, base + 3):
+            m[o, min(max(tap, 0), n_in - 1)] += _cubic(src - tap)
+    return m
+
+
+def _ref_resize(img_u8: np.ndarray, w: int, h: int) -> np.ndarray:
+    """[H,W,3] uint8 -> [h,w,3] float64 0..255 before rounding: separable bicubic, clamped."""
+    x = img_u8.astype(np.float64)
+    if x.shape[:2] != (h, w):
+        x = np.einsum("oh,hwc->owc", _bicubic_matrix(x.shape[0], h), x)
+        x = np.einsum("pw,owc->opc", _bicubic_matrix(x.shape[1], w), x)
+    return np.clip(x, 0, 255)
+
+
+def _assert_rounds_to(ours: np.ndarray, ref: np.ndarray):
+    """``ours`` (0..1 on the 1/255 grid) is ``ref`` (0..255, unrounded) rounded, except at near-ties (x.5),
+    where float32 (torch) and float64 (here) may round differently by one level."""
+    got = ours.astype(np.float64) * 255
+    assert np.abs(got - got.round()).max() < 1e-3          # on the 8-bit grid
+    tie = np.abs(ref - np.floor(ref) - 0.5) < 1e-2  # torch accumulates in float32 (errors ~3e-3)
+    assert np.array_equal(got.round()[~tie], ref.round()[~tie])
+    assert np.abs(got - ref)[tie].max(initial=0) <= 0.5 + 1e-2
+
+
+def _ref_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray):
+    """Upstream's formulas on [N,3,H,W] float arrays: masked MSE/PSNR and skimage SSIM of masked images."""
+    from skimage.metrics import structural_similarity
+
+    n = len(pred)
+    mse = ((gt * mask - pred * mask) ** 2).reshape(n, -1).sum(1) / mask.reshape(n, -1).sum(1)
+    psnr = -10 * np.log10(mse)
+    ssim = np.array([structural_similarity(p * m, g * m, channel_axis=0, data_range=1.0)
+                     for p, g, m in zip(pred, gt, mask)])
+    return psnr, ssim
+
+
+# --------------------------------------------------------------------------------- resize chain
+def test_published_resize_matches_reference_bicubic():
+    img = _rng_image(3, 40, 30)
+    for w, h in [(20, 15), (64, 48), (40, 30)]:
+        ours = dtu.published_resize(torch.from_numpy(img)[None], (w, h))[0].numpy()
+        assert ours.shape == (h, w, 3)
+        _assert_rounds_to(ours, _ref_resize(img, w, h))
+    # float inputs are first rounded to 8 bits
+    f = torch.from_numpy(img).float()[None] / 255 + 0.001
+    assert torch.equal(dtu.published_resize(f, (40, 30)), torch.from_numpy(img).float()[None] / 255)
+
+
+def test_ground_truth_chain_from_1600x1200(tmp_path):
+    root = make_tiny_dtu(tmp_path, ids=(), masks_layout="")
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    big = np.stack([(xx * 255 // 1599), (yy * 255 // 1199), ((xx + yy) % 256)], -1).astype(np.uint8)
+    Image.fromarray(big).save(root / "Rectified" / f"scan{SCAN}" / "rect_026_3_r5000.png")
+    gt = dtu.load_dtu_eval_ground_truth(root, SCAN, [25])
+    mid = np.asarray(Image.fromarray(big).resize((768, 576), Image.BICUBIC))
+    assert gt.shape == (1, 300, 400, 3)
+    _assert_rounds_to(gt[0].numpy(), _ref_resize(mid, 400, 300))
+    # masks: 1600x1200 file -> PIL bicubic 400x300, /255 > 0.01; 'mask/' level or not; missing -> ones
+    m = np.zeros((1200, 1600), np.uint8)
+    m[300:900, 400:1200] = 255
+    for layout in ("mask", "flat"):
+        folder = tmp_path / layout / f"scan{SCAN}"
+        folder = folder / "mask" if layout == "mask" else folder
+        folder.mkdir(parents=True)
+        Image.fromarray(m).save(folder / "025.png")
+        masks, found = dtu.load_dtu_eval_masks(tmp_path / layout, SCAN, [25, 26])
+        ref_m = np.asarray(Image.fromarray(m).convert("RGB").resize((400, 300), Image.BICUBIC)) / 255 > 0.01
+        assert found == [25] and np.array_equal(masks[0].numpy(), ref_m.astype(np.float32))
+        assert masks[1].min() == 1
+    assert dtu.load_dtu_eval_masks(None, SCAN, [1])[0].min() == 1
+
+
+# ------------------------------------------------------------------------------------ metrics
+def _fake_scan_arrays(n: int, h: int = 30, w: int = 40, seeds: int = 2):
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(n, 3, h, w, generator=g) * 255).round() / 255
+    preds = [((gt + 0.1 * torch.randn(n, 3, h, w, generator=g)).clamp(0, 1) * 255).round() / 255 for _ in range(seeds)]
+    masks = torch.zeros(n, 3, h, w)
+    masks[:, :, 5:25, 8:30] = 1
+    masks[0] = 1  # one view unmasked
+    return preds, gt, masks
+
+
+def test_dtu_metrics_match_independent_formulas():
+    preds, gt, masks = _fake_scan_arrays(4)
+    ids = [22, 25, 28, 40]
+    nhwc = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731
+    r = dtu.dtu_metrics([nhwc(p) for p in preds], nhwc(gt), nhwc(masks), ids, train_ids=dtu.dtu_subset_ids(1),
+                        lpips_reason="no weights")
+    for s, p in zip(r["per_seed"], preds):
+        psnr, ssim = _ref_metrics(p.numpy().astype(np.float64), gt.numpy().astype(np.float64), masks.numpy())
+        assert np.allclose(s["psnr"], psnr, atol=1e-6) and np.allclose(s["ssim"], ssim, atol=1e-6)
+        assert s["psnr_mean"] == pytest.approx(psnr.mean()) and s["lpips"] is None
+    assert r["psnr"] == pytest.approx(np.mean([s["psnr_mean"] for s in r["per_seed"]]))
+    assert r["split"] == ["heldout", "train", "heldout", "heldout"] and r["train_count"] == 1
+    assert r["train_mean"]["psnr"] == pytest.approx(np.mean([s["psnr"][1] for s in r["per_seed"]]))
+    assert r["lpips"] is None and not r["lpips_available"]
+    table = dtu.format_dtu_table(r)
+    assert "heldout" in table and "LPIPS unavailable: no weights" in table and "MEAN" in table
+
+
+def test_dtu_metrics_lpips_on_masked_images(tmp_path):
+    from nvs_core import metrics
+
+    model = metrics.LPIPS()
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.data = torch.rand(p.shape, generator=g) * 0.05
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")},
+               tmp_path / "vgg16-397923af.pth")
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("lin")}, tmp_path / "vgg.pth")
+    loaded, reason = dtu.find_lpips(True, [tmp_path])
+    assert reason is None
+    preds, gt, masks = _fake_scan_arrays(2, 32, 32, seeds=1)
+    nhwc = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731
+    r = dtu.dtu_metrics([nhwc(preds[0])], nhwc(gt), nhwc(masks), [1, 2], lpips_model=loaded)
+    with torch.no_grad():
+        ref = model((preds[0] * masks) * 2 - 1, (gt * masks) * 2 - 1)
+    assert np.allclose(r["per_seed"][0]["lpips"], ref.double().numpy(), atol=1e-5) and r["lpips_available"]
+    none, why = dtu.find_lpips(True, [tmp_path / "empty"])
+    assert none is None and "vgg16-397923af.pth" in why
+    assert dtu.find_lpips(False)[1] == "LPIPS switched off"
+
+
+# ------------------------------------------------------------------------------ results files
+class _PickledClass:
+    """Stands for foreign code in a results file."""
+
+
+def _write_results(path: Path, n: int = 34, nested: bool = False):
+    preds, gt, masks = _fake_scan_arrays(n, 12, 16)
+    entry = {"imgs_pred": preds, "imgs_gt": gt, "masks": masks, "psnr_test_mean": 20.5, "ssim_train_mean": 0.8}
+    torch.save({None: entry} if nested else entry, path)
+    return preds, gt, masks
+
+
+def test_results_file_recomputed(tmp_path):
+    preds, gt, masks = _write_results(tmp_path / "results_all_iter_3000.pt")
+    (r,) = dtu.evaluate_dtu_results(tmp_path / "results_all_iter_3000.pt", subset=3)
+    assert r["views"] == list(dtu.DTU_EVAL_IDS) and r["stored"]["psnr_test_mean"] == 20.5
+    psnr0, ssim0 = _ref_metrics(preds[0].double().numpy(), gt.double().numpy(), masks.numpy())
+    assert np.allclose(r["per_seed"][0]["psnr"], psnr0, atol=1e-6)
+    assert np.allclose(r["per_seed"][0]["ssim"], ssim0, atol=1e-6)
+    train_rows = [j for j, k in enumerate(dtu.DTU_EVAL_IDS) if k in (22, 25, 28)]
+    assert r["train_count"] == 3 and r["heldout_count"] == 31
+    psnr1, _ = _ref_metrics(preds[1].double().numpy(), gt.double().numpy(), masks.numpy())
+    assert r["train_mean"]["psnr"] == pytest.approx(np.mean(np.concatenate([psnr0[train_rows], psnr1[train_rows]])))
+    # test-view selection, nested layout, and the per-seed average over files (summarize_dtu)
+    (t,) = dtu.evaluate_dtu_results(tmp_path / "results_all_iter_3000.pt", views="test")
+    assert t["views"] == list(dtu.DTU_TEST_IDS)
+    _write_results(tmp_path / "nested.pt", nested=True)
+    (nested,) = dtu.evaluate_dtu_results(tmp_path / "nested.pt")
+    summary = dtu.summarize_results([r, nested])
+    assert summary["per_seed"][0]["psnr"] == pytest.approx((r["per_seed"][0]["psnr_mean"]
+                                                            + nested["per_seed"][0]["psnr_mean"]) / 2)
+
+
+def test_results_file_errors(tmp_path):
+    torch.save({"imgs_gt": torch.rand(2, 3, 4, 4)}, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"missing \['imgs_pred', 'masks'\]"):
+        dtu.read_dtu_results(tmp_path / "a.pt")
+    torch.save({"imgs_pred": [torch.rand(2, 3, 4, 4)], "imgs_gt": torch.rand(2, 3, 4, 4),
+                "masks": torch.ones(2, 3, 4, 5)}, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="'masks' is"):
+        dtu.read_dtu_results(tmp_path / "b.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="expected ViewNeTI results"):
+        dtu.read_dtu_results(tmp_path / "c.pt")
+    torch.save({"imgs_pred": [torch.rand(5, 3, 4, 4)], "imgs_gt": torch.rand(5, 3, 4, 4),
+                "masks": torch.ones(5, 3, 4, 4)}, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match="not the standard 34"):
+        dtu.evaluate_dtu_results(tmp_path / "d.pt", views="test")
+    from nvs_core.checkpoints import CheckpointError
+
+    torch.save({"imgs_gt": _PickledClass()}, tmp_path / "e.pt")  # a pickled class: refused, never run
+    with pytest.raises(CheckpointError):
+        dtu.read_dtu_results(tmp_path / "e.pt")
+
+
+# ---------------------------------------------------------------------------- prediction folders
+def test_folder_evaluation_and_cli(tmp_path, capsys):
+    import json
+
+    from nvs_core.__main__ import main
+
+    ids = (22, 25, 28)
+    root = make_tiny_dtu(tmp_path, ids=ids)
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    preds = {}
+    for s in (0, 1):
+        for k in ids:
+            preds[s, k] = _rng_image(100 * s + k, 64, 48)
+            Image.fromarray(preds[s, k]).save(pred_dir / f"scan114_cam{k}_seed{s}.png")
+    (pred_dir / "grid.png").write_bytes((pred_dir / "scan114_cam22_seed0.png").read_bytes())  # ignored
+    r = dtu.evaluate_dtu_folder(pred_dir, root, SCAN, masks=root / "idrmasks", subset=3)
+    assert r["views"] == list(ids) and r["seeds"] == [0, 1] and r["masks_found"] == [22, 28]
+    assert r["split"] == ["train"] * 3 and r["heldout_count"] == 0
+    # independent: PIL 768x576 then bicubic to 400x300 for the ground truth, bicubic for predictions
+    gt = np.stack([_ref_resize(np.asarray(Image.fromarray(_rng_image(k, 32, 24)).resize((768, 576), Image.BICUBIC)),
+                               400, 300).round() for k in ids]) / 255
+    mask = np.stack([np.asarray(Image.open(root / "idrmasks" / f"scan{SCAN}" / "mask" / f"{k:03d}.png").convert("RGB")
+                                .resize((400, 300), Image.BICUBIC)) / 255 > 0.01 if k != 25 else np.ones((300, 400, 3))
+                     for k in ids]).astype(np.float64)
+    for s in (0, 1):
+        p = np.stack([_ref_resize(preds[s, k], 400, 300).round() for k in ids]) / 255
+        psnr, ssim = _ref_metrics(p.transpose(0, 3, 1, 2), gt.transpose(0, 3, 1, 2), mask.transpose(0, 3, 1, 2))
+        assert np.allclose(r["per_seed"][s]["psnr"], psnr, atol=2e-3)
+        assert np.allclose(r["per_seed"][s]["ssim"], ssim, atol=2e-3)
+
+    code = main(["dtu-eval", "--pred", str(pred_dir), "--root", str(root), "--scan", str(SCAN), "--masks",
+                 str(root / "idrmasks"), "--lpips-dir", str(tmp_path / "no_lpips"), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert code == 0 and summary["psnr"] == pytest.approx(r["psnr"]) and summary["lpips"] is None
+    assert summary["lpips_available"] is False and "LPIPS weights not found" in summary["lpips_reason"]
+    assert any(line.startswith("   22    ") or " 22 " in line for line in out)
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["views"] == list(ids)
+
+
+def test_results_cli(tmp_path, capsys):
+    import json
+
+    from nvs_core.__main__ import main
+
+    _write_results(tmp_path / "results_all_iter_1500.pt")
+    main(["dtu-eval", "--results", str(tmp_path / "results_all_iter_1500.pt"), "--subset", "1", "--views",
+          "heldout", "--no-lpips"])
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["count"] == 33 and summary["heldout_mean"]["psnr"] == pytest.approx(summary["psnr"])
+    assert summary["lpips_reason"] == "LPIPS switched off" and any("stored in file" in line for line in out)
+
+
+def test_prediction_folder_naming_and_errors(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    img = Image.fromarray(_rng_image(0, 8, 6))
+    img.save(d / "rect_026_3_r5000.png")
+    img.save(d / "cam022.png")
+    assert {k: f.name for k, f in dtu.read_prediction_folder(d)[None].items()} == {25: "rect_026_3_r5000.png",
+                                                                                  22: "cam022.png"}
+    img.save(d / "scan114_cam25.jpg")
+    with pytest.raises(ValueError, match="camera 25 has two files"):
+        dtu.read_prediction_folder(d)
+    e = tmp_path / "e"
+    e.mkdir()
+    img.save(e / "view.png")
+    with pytest.raises(ValueError, match="no predicted views found.*cam\\{k\\}"):
+        dtu.read_prediction_folder(e)
+    img.save(e / "cam1_seed0.png")
+    img.save(e / "cam1_seed1.png")
+    img.save(e / "cam2_seed1.png")
+    with pytest.raises(ValueError, match="seeds cover different views"):
+        dtu.read_prediction_folder(e)
+    with pytest.raises(FileNotFoundError, match="predictions folder not found"):
+        dtu.read_prediction_folder(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="'heldout' needs the training subset"):
+        dtu.select_eval_views([1, 2], "heldout")
+
+
+def test_per_channel_masks_in_metrics():
+    from nvs_core import metrics
+
+    g = torch.Generator().manual_seed(2)
+    p, t = torch.rand(2, 8, 8, 3, generator=g), torch.rand(2, 8, 8, 3, generator=g)
+    m = torch.ones(2, 8, 8, 3)
+    m[:, :, :4, 1] = 0  # channel 1 masked on the left only
+    got = metrics.masked_mse(p, t, m)
+    ref = ((t * m - p * m) ** 2).sum((1, 2, 3)) / m.sum((1, 2, 3))
+    assert torch.allclose(got, ref.double())
+    with pytest.raises(ValueError, match="per channel"):
+        metrics.masked_mse(p, t, torch.ones(2, 8, 8, 2))

@@ -49,6 +49,7 @@ OVERRIDES = {
     "NVSVIVIDSampler": lambda tmp: {"source_image": _example("IMAGE")[:1], "source_camera": _example("NVS_CAMERA")[0],
                                     "steps": 2},
     "NVSVIVIDTrain": lambda tmp: {"network": "tiny 16px", "steps": 2, "batch_size": 2},
+    "NVSLoadDTUScan": lambda tmp: {"root": str(_tiny_dtu_root(tmp))},
     "NVSViewNeTILoader": lambda tmp: {"view_mapper": str(GOLDEN_DIR / "viewneti/checkpoints/mapper-steps-10_view.pt"),
                                       "dtu_calibration": str(GOLDEN_DIR / "viewneti/cal18_synthetic")},
 }
@@ -58,6 +59,12 @@ def _tiny_vivid_file(tmp):
     from tests.test_nodes_vivid import BASE, save_tiny
 
     return save_tiny(tmp, "vivid-tiny.safetensors", BASE)
+
+
+def _tiny_dtu_root(tmp):
+    from tests.test_nodes_dtu import tiny_dtu_root
+
+    return tiny_dtu_root(tmp)
 
 
 def _saved_folder(tmp):

@@ -284,6 +284,10 @@ class RealFusionField(nn.Module):
             color = albedo * lambertian.unsqueeze(-1)
         return sigma, color, normal
 
+    @property
+    def has_background(self) -> bool:
+        return self.bg_net is not None
+
     def background(self, d: torch.Tensor) -> torch.Tensor:
         if self.bg_net is None:
             raise ValueError("this field has no background network (bg_radius <= 0)")

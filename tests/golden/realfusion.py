@@ -270,7 +270,138 @@ def cameras_case(case: dict, method_dir: Path) -> None:
     assert_close(case, "output.input_view.rays_o", o, t["output.input_view.rays_o"], (1e-6, 0))
 
 
+# -------------------------------------------------------------- e: ray marching, compositing
+
+def _analytic_field(config: dict):
+    """A RealFusionField whose density / albedo / background are the fixture's analytic functions."""
+    from nvs_core.realfusion.field import RealFusionField
+
+    class AnalyticField(RealFusionField):
+        centre = torch.tensor(config["fieldA"]["center"])
+
+        def use(self, name):
+            spec = config[name]
+            self.centre = torch.tensor(spec["center"], dtype=torch.float32)
+            self.amp, self.radius = spec["amp"], spec["radius"]
+
+        def common_forward(self, x):
+            r2 = ((x - self.centre) ** 2).sum(-1)
+            sigma = self.amp * torch.clamp(1 - r2 / self.radius ** 2, min=0) ** 2
+            albedo = torch.clamp(0.5 + config["albedo_gain"] * (x - self.centre), 0, 1)
+            return sigma, albedo
+
+        @property
+        def has_background(self):
+            return True
+
+        def background(self, d):
+            return 0.5 + 0.5 * d
+
+    field = AnalyticField(bound=config["bound"], grid_levels=1, grid_resolution=16, base_resolution=4,
+                          log2_hashmap_size=4, hidden_dim=4, bg_radius=0, grid_size=config["grid_size"],
+                          density_thresh=config["density_thresh"])
+    return field
+
+
+def _sparse_grid(field):
+    grid = field.density_grid[0]
+    index = torch.nonzero(grid).squeeze(1)
+    return index, grid[index]
+
+
+def raymarch_case(case: dict, method_dir: Path) -> None:
+    from nvs_core.realfusion.field import morton3d, morton3d_invert
+    from nvs_core.realfusion.renderer import default_light, render_rays
+
+    t = _tensors(method_dir / case["file"])
+    cfg = case["config"]
+    assert cfg["cascade"] == 1 and cfg["dt_gamma"] == 0 and cfg["align"] == 128
+    field = _analytic_field(cfg)
+    got = {}
+    # Occupancy grid: two updates (field A, then field B), cell jitter fixed at 0.
+    field.use("fieldA")
+    field.update_occupancy(jitter=False)
+    got["output.grid_update1.density_grid.nonzero_index"], got["output.grid_update1.density_grid.nonzero_value"] = \
+        _sparse_grid(field)
+    got["output.grid_update1.mean_density"] = torch.tensor(field.mean_density, dtype=torch.float64)
+    got["output.grid_update1.bitfield_popcount"] = torch.tensor(int(field.occupancy_fraction() * 128 ** 3))
+    field.use("fieldB")
+    field.update_occupancy(jitter=False)
+    got["output.grid_update2.density_grid.nonzero_index"], got["output.grid_update2.density_grid.nonzero_value"] = \
+        _sparse_grid(field)
+    got["output.grid_update2.mean_density"] = torch.tensor(field.mean_density, dtype=torch.float64)
+    got["output.grid_update2.thresh"] = torch.tensor(field.occupancy_threshold, dtype=torch.float64)
+    got["output.grid_update2.density_bitfield"] = field.density_bitfield.clone()
+
+    rays_o, rays_d = t["input.rays_o"], t["input.rays_d"]
+    common = dict(max_steps=cfg["max_steps"], T_thresh=cfg["T_thresh"], min_near=cfg["min_near"])
+    # Training render (synthetic-view settings).
+    field.train(True)
+    light = default_light(rays_o, t["input.train.light_draw"])
+    got["output.train.light_d"] = light
+    res = render_rays(field, rays_o, rays_d, mode="train", shading="lambertian", ambient_ratio=cfg["ratio_train"],
+                      light_d=light, perturb=True, force_all_rays=True, march_noise=t["input.train.march_noise"],
+                      smooth_noise=t["input.train.smooth_noise"], return_samples=True, **common)
+    for key in ("nears", "fars", "xyzs", "dirs", "deltas", "rays", "sigmas", "rgbs", "sample_normals", "image",
+                "depth", "weights_sum", "normals", "loss_orient", "loss_smooth", "mask", "bg"):
+        got[f"output.train.{key}"] = res[key]
+    got["output.train.rgbs"] = res["rgbs"]
+    got["output.train.composite.image"] = res["composite_image"]
+    got["output.train.composite.depth"] = res["composite_depth"]
+    got["output.train.composite.weights_sum"] = res["weights_sum"].reshape(-1)
+    got["output.train.normals"] = res["normals"].reshape(-1, 3)
+    got["output.train.step_counter_row0"] = field.step_counter[0].clone()
+    # Backward of the compositing for the supplied upstream gradients.
+    from nvs_core.realfusion.raymarch import composite_rays_train
+    sig = res["sigmas"].detach().clone().requires_grad_(True)
+    rgb = res["rgbs"].detach().clone().requires_grad_(True)
+    ws, _, (img,) = composite_rays_train(sig, [rgb], res["deltas"], res["rays"], cfg["T_thresh"])
+    torch.autograd.backward([ws, img], [t["input.train.grad_weights_sum"], t["input.train.grad_image"]])
+    got["output.train.grad_sigmas"], got["output.train.grad_rgbs"] = sig.grad, rgb.grad
+
+    # Evaluation renders: white background, light from the first ray's origin.
+    field.train(False)
+    light = torch.nn.functional.normalize(rays_o[0][0], dim=0)
+    from nvs_core.realfusion.field import safe_normalize
+    light = safe_normalize(rays_o[0][0])
+    got["output.eval.light_d"] = light
+    for shading, ratio in (("albedo", 1.0), ("textureless", 0.1)):
+        res = render_rays(field, rays_o, rays_d, mode="eval", shading=shading, ambient_ratio=ratio, light_d=light,
+                          bg_color=torch.ones(3), perturb=False, return_samples=True, ray_batch=1 << 20, **common)
+        for key in ("image", "depth", "weights_sum", "mask"):
+            got[f"output.eval_{shading}.{key}"] = res[key]
+        got[f"output.eval_{shading}.normals"] = res["normals"].reshape(-1, 3)
+        got[f"output.eval_{shading}.compaction_trace"] = torch.tensor(res["trace"], dtype=torch.int64)
+        if shading == "albedo":
+            xyzs, deltas = res["trace_first_march"]
+            got["output.eval_albedo.first_march.xyzs"], got["output.eval_albedo.first_march.deltas"] = xyzs, deltas
+
+    # Capped render (real-image settings): the sample list is cut at mean_count rounded up to 128.
+    field.train(True)
+    field.mean_count = int(t["input.capped.mean_count"])
+    res = render_rays(field, rays_o, rays_d, mode="train", shading="albedo", light_d=light, bg_color=1,
+                      perturb=True, force_all_rays=False, march_noise=t["input.capped.march_noise"],
+                      smooth_loss=False, return_samples=True, **common)
+    got["output.capped.M"] = torch.tensor(res["xyzs"].shape[0])
+    got["output.capped.rays"] = res["rays"]
+    got["output.capped.image"], got["output.capped.depth"] = res["image"], res["depth"]
+    got["output.capped.weights_sum"] = res["weights_sum"]
+
+    # Update 3: mean step count of the two training renders.
+    got["output.update3.step_counter_before"] = field.step_counter.clone()
+    got["output.update3.local_step_before"] = torch.tensor(field.local_step)
+    field.update_occupancy(jitter=False)
+    got["output.update3.mean_count"] = torch.tensor(field.mean_count)
+    got["output.update3.mean_density"] = torch.tensor(field.mean_density, dtype=torch.float64)
+
+    coords = t["input.morton.coords"]
+    got["output.morton.index"] = morton3d(coords).to(torch.int32)
+    got["output.morton.inverse"] = morton3d_invert(got["output.morton.index"]).to(torch.int32)
+    _check_all(case, got, t)
+
+
 HANDLERS = {
+    "renderer_transcribed": raymarch_case,
     "function": cameras_case,
     "function_transcribed": grid_case,
     "name:b_field_mlp_freq": field_case,

@@ -335,7 +335,26 @@ def srn_cameras_case(case: dict, method_dir: Path) -> None:
     assert torch.allclose(back.intrinsics, mv.cameras.intrinsics, atol=1e-7)
 
 
+# --------------------------------------------------------------------------- g: autoregressive schedule
+
+def ar_schedule_case(case: dict, method_dir: Path) -> None:
+    t = _tensors(method_dir / case["file"])
+    src = t["input.source_poses"]
+    n_src = src.shape[1]
+    circle = genvs_cameras.circle_path(src[0, 0], n_poses=200)
+    schedule = genvs_orbit.ar_schedule(len(circle) - 1)
+    index = torch.full((len(schedule), 6), -1, dtype=torch.int64)
+    for q, entries in enumerate(schedule):
+        index[q, :len(entries)] = torch.tensor(entries)
+    got = {"output.circle_poses": circle, "output.ar_conditioning_index": index,
+           "output.ar_num_source_views_seen": torch.tensor(genvs_orbit.views_seen(schedule, n_src)),
+           "output.spherical_path": genvs_cameras.spherical_path(t["input.camera_d"][0], n_poses=40)}
+    for output in case["outputs"]:
+        _assert_close(case, output, got[output], t[output])
+
+
 HANDLERS = {
+    "name:g_ar_schedule": ar_schedule_case,
     "name:f_srn_cameras": srn_cameras_case,
     "checkpoint_load": checkpoint_case,
     "sampler": sampler_case,

@@ -115,3 +115,72 @@ class VolumeCache:
             for entry in [e for e in store if self.next_use(e, now) is None]:
                 del store[entry]
                 self.stats.dropped += 1
+
+
+def _next_use_table(schedule: Sequence[Sequence[int]]):
+    uses: Dict[int, List[int]] = {}
+    for q, entries in enumerate(schedule, start=1):
+        for e in entries:
+            uses.setdefault(e, []).append(q)
+
+    def next_use(entry: int, now: int) -> Optional[int]:
+        for q in uses.get(entry, []):
+            if q > now:
+                return q
+        return None
+    return next_use
+
+
+@torch.no_grad()
+def autoregressive_orbit(model, images01: torch.Tensor, sources, path, steps: int = 250, stochastic: bool = True,
+                         cfg: float = 1.0, seed: int = 0, schedule_seed: int = 123, max_cached_volumes: int = 8,
+                         offload: bool = True, offload_dtype: Optional[torch.dtype] = None,
+                         published_train_mode: bool = False, memory_mb: Optional[float] = None,
+                         progress=None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Generate one view per pose of ``path`` (GeNVSCameras), in order, each conditioned on the sources
+    and earlier generated views by the published schedule (:func:`ar_schedule`).
+
+    For the published circle (``circle_path(source pose)``) pass ``path[1:]``: pose 0 is the source.
+    All draws come from one CPU generator seeded ``seed``, in the original's order (render draws, then
+    the sampler's). Returns ``images`` (Q, 3, S, S) in [0, 1], ``features``/``depth``/``opacity`` of
+    each step's render, the ``schedule`` and the cache ``stats``.
+    """
+    from .nerf import DEFAULT_RENDER_MEMORY_MB, SourceViews
+    from .pipeline import check_sources, fit_images
+    from .sampler import BatchNoise, sample
+    from ..progress import resolve, shared
+
+    check_sources(images01, sources)
+    Q = len(path)
+    if Q == 0:
+        raise ValueError("the orbit path has no cameras")
+    schedule = ar_schedule(Q, schedule_seed)
+    device = next(model.parameters()).device
+    size = model.config.image_size
+    cache = VolumeCache(lambda imgs: model.encode(fit_images(imgs.to(device), size)), max_cached_volumes, offload,
+                        offload_dtype, _next_use_table(schedule))
+    cache.add(0, images01)
+    poses = {0: sources.poses.to(device)}
+    noise = BatchNoise(seed)
+    dcfg = model.config.denoiser
+    out = {"images": [], "features": [], "depth": [], "opacity": []}
+    with model.mode(published_train_mode), resolve(progress, Q * steps, "GeNVS orbit") as bar:
+        for q, entries in enumerate(schedule, start=1):
+            vols = torch.cat([cache.get(e, q, pinned=entries) for e in entries])
+            src = SourceViews(vols[None], torch.cat([poses[e] for e in entries])[None], sources.camera_k)
+            target = path.poses[q - 1:q][None].to(device)
+            f, d, o = model.render(src, target, path.intrinsics, generator=noise.generator,
+                                   random_importance=published_train_mode,
+                                   memory_mb=memory_mb or DEFAULT_RENDER_MEMORY_MB, check=bar.check)
+            img = sample(model.ddpm_pipeline, model.condition(f[0]), steps, stochastic, dcfg.sigma_min,
+                         dcfg.sigma_max, noise, cfg=cfg, progress=shared(bar))
+            cache.add(q, img.clamp(0, 1))          # the clipped sample, used as a [0, 1] image
+            poses[q] = target[0]
+            cache.forget(q)
+            for key, value in zip(("images", "features", "depth", "opacity"), (img.clamp(0, 1), f[0], d[0], o[0])):
+                out[key].append(value.cpu())
+            if callback is not None:
+                callback(q, {"image": img, "entries": entries, "stats": cache.stats})
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result.update(schedule=schedule, stats=cache.stats)
+    return result

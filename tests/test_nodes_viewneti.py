@@ -4,6 +4,7 @@ import importlib
 import math
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,100 @@ def test_apply_refuses_a_mapper_for_another_text_width(host, models_dir):
     host.model.model.model_config.unet_config["context_dim"] = 64
     with pytest.raises(ValueError, match="clip: 32-wide tokens, but the MODEL's cross-attention takes 64"):
         _apply(host, _model(DTUCalibration.from_folder(models_dir / "cal18")))
+
+
+# ------------------------------------------------------------------------------------------ workflows
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+CHECKPOINT_NAME = "v2-1_768-ema-pruned.safetensors"  # stabilityai/stable-diffusion-2-1 (768-v)
+READ_ME = """## ViewNeTI {what}
+
+**Files** (see the pack README):
+* `ComfyUI/models/checkpoints/{checkpoint}`: Stable Diffusion 2.1 (768-v), the model ViewNeTI was trained with.
+* `ComfyUI/models/nvs/viewneti/`: the published pretrained view mapper `mapper-steps-50000_view.pt`{object_line}.
+* `ComfyUI/models/nvs/viewneti/cal18/`: the DTU SampleSet calibration folder `Calibration/cal18` (`pos_001.txt` ...
+  `pos_064.txt`); its min/max normalise the view mapper's camera input (or type the 24 numbers into the loader).
+
+{body}
+
+**One latent per view**: the Empty Latent Image `batch_size` must equal the number of views ({count} here).
+Published sampling: DPM-Solver++ 2M (`dpmpp_2m`, `normal` scheduler: the same 30 timesteps), guidance 7.5, 768x576."""
+
+
+def _note(what, count, body, object_line=""):
+    return READ_ME.format(what=what, checkpoint=CHECKPOINT_NAME, object_line=object_line, body=body, count=count)
+
+
+def build_workflows():
+    """The two example workflows (regenerate with ``python -m tests.test_nodes_viewneti``)."""
+    from tests.ui_workflow import UIWorkflow
+
+    out = {}
+    # novel views of a trained object: pretrained view mapper + the scene's object mapper, an orbit of cameras
+    wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
+    ckpt = wf.add("CheckpointLoaderSimple", (40, 40), size=(340, 100), ckpt_name=CHECKPOINT_NAME)
+    loader = wf.add("NVSViewNeTILoader", (40, 190), size=(340, 180), view_mapper="mapper-steps-50000_view.pt",
+                    object_mapper="mapper-steps-3000_object.pt", dtu_calibration="cal18")
+    orbit = wf.add("NVSOrbitCameras", (40, 420), title="Target cameras (DTU-like)", size=(340, 260), count=5,
+                   elevation=0.0, azimuth_start=-30.0, azimuth_sweep=60.0, radius=2.0, fov=23.5, width=768,
+                   height=576)
+    apply = wf.add("NVSViewNeTIApply", (420, 40), size=(400, 460), prompt_template="{view}. A photo of a {object}",
+                   negative_prompt="", dtu_cameras="25")
+    latent = wf.add("EmptyLatentImage", (420, 550), size=(400, 110), width=768, height=576, batch_size=5)
+    sampler = wf.add("KSampler", (860, 40), size=(320, 270), seed=0, steps=30, cfg=7.5, sampler_name="dpmpp_2m",
+                     scheduler="normal", denoise=1.0)
+    decode = wf.add("VAEDecode", (860, 350), size=(220, 50))
+    save = wf.add("SaveImage", (1220, 40), title="Novel views", size=(480, 440), filename_prefix="NVS/viewneti")
+    wf.add("MarkdownNote", (860, 450), title="Read me", size=(840, 360), text=_note(
+        "novel views", 5, "The object mapper comes from a trained scene (the published `view_neti_models.tar.gz`, "
+        "e.g. `scan114/.../mapper-steps-3000_object.pt`, or NVS ViewNeTI Train). The orbit is placed around the "
+        "middle of the DTU camera rig: azimuth/elevation 0 is the rig's central view and radius 2 its distance; "
+        "DTU cameras have a 23.5 degree field of view. Views far outside the rig are refused (max_extrapolation).",
+        ", the scene's object mapper `mapper-steps-3000_object.pt`"))
+    for src, name, dst, slot in ((ckpt, "MODEL", apply, "model"), (ckpt, "CLIP", apply, "clip"),
+                                 (loader, "view_mapper", apply, "view_mapper"), (orbit, "cameras", apply, "cameras"),
+                                 (apply, "model", sampler, "model"), (apply, "positive", sampler, "positive"),
+                                 (apply, "negative", sampler, "negative"), (latent, "LATENT", sampler, "latent_image"),
+                                 (sampler, "LATENT", decode, "samples"), (ckpt, "VAE", decode, "vae"),
+                                 (decode, "IMAGE", save, "images")):
+        wf.connect(src, name, dst, slot)
+    out["viewneti_novel_views.json"] = wf.to_json()
+
+    # view control of a free prompt: the view token in front of any text, DTU cameras by index
+    wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
+    ckpt = wf.add("CheckpointLoaderSimple", (40, 40), size=(340, 100), ckpt_name=CHECKPOINT_NAME)
+    loader = wf.add("NVSViewNeTILoader", (40, 190), size=(340, 180), view_mapper="mapper-steps-50000_view.pt",
+                    object_mapper="none", dtu_calibration="cal18")
+    apply = wf.add("NVSViewNeTIApply", (420, 40), size=(400, 460), prompt_template="{view}. A photo of a red car",
+                   negative_prompt="", dtu_cameras="22, 25, 28")
+    latent = wf.add("EmptyLatentImage", (420, 550), size=(400, 110), width=768, height=576, batch_size=3)
+    sampler = wf.add("KSampler", (860, 40), size=(320, 270), seed=0, steps=30, cfg=7.5, sampler_name="dpmpp_2m",
+                     scheduler="normal", denoise=1.0)
+    decode = wf.add("VAEDecode", (860, 350), size=(220, 50))
+    save = wf.add("SaveImage", (1220, 40), title="Views of the prompt", size=(480, 440),
+                  filename_prefix="NVS/viewneti_prompt")
+    wf.add("MarkdownNote", (40, 420), title="Read me", size=(780, 330), text=_note(
+        "view control of a free prompt", 3, "The view token goes in front of any prompt; no object mapper is "
+        "needed. `dtu_cameras` picks DTU calibration cameras by index (22, 25, 28: the 3-view training set); "
+        "connect NVS cameras to the Apply node's `cameras` input for other views."))
+    for src, name, dst, slot in ((ckpt, "MODEL", apply, "model"), (ckpt, "CLIP", apply, "clip"),
+                                 (loader, "view_mapper", apply, "view_mapper"), (apply, "model", sampler, "model"),
+                                 (apply, "positive", sampler, "positive"), (apply, "negative", sampler, "negative"),
+                                 (latent, "LATENT", sampler, "latent_image"), (sampler, "LATENT", decode, "samples"),
+                                 (ckpt, "VAE", decode, "vae"), (decode, "IMAGE", save, "images")):
+        wf.connect(src, name, dst, slot)
+    out["viewneti_view_control_prompt.json"] = wf.to_json()
+    return out
+
+
+def test_example_workflows_are_the_built_ones():
+    import json
+
+    for name, data in build_workflows().items():
+        assert json.loads((WORKFLOWS / name).read_text()) == json.loads(json.dumps(data)), name
+
+
+if __name__ == "__main__":
+    import json
+
+    for name, data in build_workflows().items():
+        (WORKFLOWS / name).write_text(json.dumps(data, indent=1) + "\n")

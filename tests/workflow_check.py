@@ -22,6 +22,19 @@ CORE_NODES = {
                   "extra_widgets": 1},  # the upload button's value
     "CheckpointLoaderSimple": {"inputs": {"required": {"ckpt_name": ("COMBO_ANY", {})}},
                                "outputs": ("MODEL", "CLIP", "VAE")},
+    "KSampler": {"inputs": {"required": {
+        "model": ("MODEL", {}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0}),
+        "sampler_name": ("COMBO_ANY", {}), "scheduler": ("COMBO_ANY", {}),
+        "positive": ("CONDITIONING", {}), "negative": ("CONDITIONING", {}), "latent_image": ("LATENT", {}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0})}}, "outputs": ("LATENT",)},
+    "EmptyLatentImage": {"inputs": {"required": {"width": ("INT", {"default": 512, "min": 16, "max": 16384}),
+                                                 "height": ("INT", {"default": 512, "min": 16, "max": 16384}),
+                                                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})}},
+                         "outputs": ("LATENT",)},
+    "VAEDecode": {"inputs": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}}, "outputs": ("IMAGE",)},
     "Note": {"inputs": {"required": {"text": ("STRING", {})}}, "outputs": ()},
     "MarkdownNote": {"inputs": {"required": {"text": ("STRING", {})}}, "outputs": ()},
 }

@@ -400,7 +400,138 @@ def raymarch_case(case: dict, method_dir: Path) -> None:
     _check_all(case, got, t)
 
 
+# ------------------------------------------------------------------------------ f: losses
+
+def losses_case(case: dict, method_dir: Path) -> None:
+    import torch.nn.functional as F
+
+    from nvs_core.realfusion import losses as L
+    from nvs_core.realfusion.cameras import jitter_rays, real_camera_noise_scale
+
+    t = _tensors(method_dir / case["file"])
+    cfg = case["config"]
+    sched = cfg["scheduler"]
+    assert sched["beta_schedule"] == "scaled_linear"
+    alphas = L.scaled_linear_alphas_cumprod(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"])
+    got = {"const.sds.alphas_cumprod": alphas}
+    W, b = t["input.sds.stub_vae_W"], t["input.sds.stub_vae_b"]
+    assert L.SDS_T_RANGE == (20, 980)
+    for tag in ("t20", "t500", "t980", "tnan"):
+        p = f"input.sds.{tag}."
+        step = t[p + "t"].reshape(1)
+        assert L.SDS_T_RANGE[0] <= int(step) <= L.SDS_T_RANGE[1]
+        if p + "pred_rgb" in t:
+            pred = t[p + "pred_rgb"].clone().requires_grad_(True)
+            x512 = F.interpolate(pred, (512, 512), mode="bilinear", align_corners=False)
+            pooled = F.avg_pool2d(2 * x512 - 1, 8)
+            sample = torch.einsum("oc,bchw->bohw", W, pooled) + b[None, :, None, None]
+            latents = sample * L.SD_LATENT_SCALE
+            noisy = L.add_noise(latents.detach(), t[p + "noise"], alphas, step)
+            got[f"output.sds.{tag}.latents"], got[f"output.sds.{tag}.latents_noisy"] = latents.detach(), noisy
+        grad = L.sds_latent_gradient(t[p + "eps_uncond"], t[p + "eps_cond"], t[p + "noise"], alphas, step,
+                                     cfg["guidance_scale"], cfg["lambda_grad"])
+        got[f"output.sds.{tag}.grad"] = grad
+        got[f"output.sds.{tag}.w"] = (1 - alphas[step]).reshape(())
+        got[f"output.sds.{tag}.pseudo_loss"] = grad.abs().mean()
+        if p + "pred_rgb" in t:
+            latents.backward(gradient=grad)
+            got[f"output.sds.{tag}.pred_rgb_grad"] = pred.grad
+
+    # Synthetic-view regularisers at the default weights (and opacity / 3-D smoothness at weight 1).
+    H = W_ = cfg["HW_syn"]
+    B = 1
+    ws, normals = t["input.syn.weights_sum"], t["input.syn.normals"]
+    defaults = L.synthetic_view_losses(ws, normals, t["input.syn.loss_orient"], t["input.syn.loss_smooth"], B, H, W_)
+    assert set(defaults) == {"entropy", "orient", "smooth_2d"}
+    ones = L.LossWeights(opacity=1.0, smooth=1.0)
+    extra = L.synthetic_view_losses(ws, normals, t["input.syn.loss_orient"], t["input.syn.loss_smooth"], B, H, W_, ones)
+    got["output.syn.loss_entropy_weighted"] = defaults["entropy"]
+    got["output.syn.loss_orient_weighted"] = defaults["orient"]
+    got["output.syn.loss_smooth_2d_weighted"] = defaults["smooth_2d"]
+    got["output.syn.loss_opacity_weighted"] = extra["opacity"]
+    got["output.syn.loss_smooth_weighted"] = extra["smooth"]
+    got["output.syn.loss_total_defaults"] = defaults["entropy"] + defaults["orient"] + defaults["smooth_2d"]
+    n_img = normals.reshape(B, H, W_, 3).permute(0, 3, 1, 2).contiguous()
+    got["output.syn.normals_blur"] = L.gaussian_blur(n_img, 9)
+    got["output.syn.guidance_pred"] = t["input.syn.image"].reshape(B, H, W_, 3).permute(0, 3, 1, 2).contiguous()
+    step = int(t["input.syn.global_step"])
+    assert L.replaces_camera(step)
+    got["output.syn.render_rays_o"], got["output.syn.render_rays_d"] = jitter_rays(
+        t["input.syn.rays_o"], t["input.syn.rays_d"], 0.02, noise_o=t["input.syn.camera_noise_o"],
+        noise_d=t["input.syn.camera_noise_d"])
+    got["output.syn.render_bg_color"] = t["input.syn.bg_color"]
+
+    # Input-view losses with the annealed camera noise.
+    step = int(t["input.real.global_step"])
+    scale = real_camera_noise_scale(step, cfg["iters"])
+    got["output.real.render_rays_o"], got["output.real.render_rays_d"] = jitter_rays(
+        t["input.real.rays_o"], t["input.real.rays_d"], scale, noise_o=t["input.real.noise_o"],
+        noise_d=t["input.real.noise_d"])
+    real = L.input_view_losses(t["input.real.pred_rgb"], t["input.real.pred_weights_sum"], t["input.real.images"])
+    got["output.real.loss_real_image"], got["output.real.loss_real_mask"] = real["real_image"], real["real_mask"]
+    got["output.real.loss"] = real["real_image"] + real["real_mask"]
+
+    # EMA (torch_ema, use_num_updates).
+    params = [t["input.ema.p0.0"].clone(), t["input.ema.p0.1"].clone()]
+    ema = L.EMA(params, decay=0.95)
+    for i in range(1, 7):
+        if f"input.ema.p{i}.0" not in t:
+            break
+        params[0].copy_(t[f"input.ema.p{i}.0"])
+        params[1].copy_(t[f"input.ema.p{i}.1"])
+        ema.update()
+        got[f"output.ema.shadow{i}.0"], got[f"output.ema.shadow{i}.1"] = ema.shadow[0].clone(), ema.shadow[1].clone()
+    _check_all(case, got, t)
+    assert_close(case, "const.sds.alphas_cumprod", alphas, t["const.sds.alphas_cumprod"])
+
+    for row in case["tables"]["annealed_value"]:
+        value = L.annealed_value(row["value"], row["global_step"], row["iters"])
+        assert math.isclose(value, row["result"], rel_tol=1e-9, abs_tol=1e-12), (row, value)
+    for row in case["tables"]["synthetic_step_schedule"]:
+        shading, ratio = L.shading_for_step(row["global_step"], row["random_u"])
+        assert (shading, ratio) == (row["shading"], row["ambient_ratio"]), row
+        assert L.replaces_camera(row["global_step"]) == row["replaced_camera"], row
+
+
+# ------------------------------------------------------------------------------ g: df.pth
+
+def checkpoint_case(case: dict, method_dir: Path) -> None:
+    from nvs_core.realfusion.loading import field_from_checkpoint, load_field, read_field_checkpoint
+
+    path = method_dir / case["file"]
+    t = _tensors(method_dir / case["expected_file"])
+    structure = json.loads((method_dir / case["structure_file"]).read_text())
+    ckpt = read_field_checkpoint(path)
+    kw = case["constructor_kwargs"]
+    for key in ("bound", "grid_levels", "grid_resolution", "blob_density", "blob_radius"):
+        assert getattr(ckpt.config, key) == kw[key], (key, getattr(ckpt.config, key), kw[key])
+    assert list(ckpt.state_dict) == structure["model_keys_in_order"]
+    got = {f"expected.model.{k}": v for k, v in ckpt.state_dict.items()}
+    got["expected.mean_density"] = torch.tensor(ckpt.mean_density, dtype=torch.float64)
+    got["expected.mean_count"] = torch.tensor(ckpt.mean_count)
+    field = load_field(path)
+    assert field.grid_levels_mask == 0, "a loaded field uses every grid level"
+    assert not field.training
+    bits = torch.tensor([bin(i).count("1") for i in range(256)])
+    got["expected.bitfield_popcount"] = bits[field.density_bitfield.long()].sum()
+    with torch.no_grad():
+        sigma, albedo = field.common_forward(t["input.x"])
+        got["expected.forward.mask0.sigma"], got["expected.forward.mask0.albedo"] = sigma, albedo
+        got["expected.forward.bg_rgb"] = field.background(t["input.d"])
+        masked = field_from_checkpoint(ckpt, path)
+        masked.grid_levels_mask = kw["grid_levels_mask"]
+        sigma, albedo = masked.common_forward(t["input.x"])
+        got[f"expected.forward.mask{kw['grid_levels_mask']}.sigma"] = sigma
+        got[f"expected.forward.mask{kw['grid_levels_mask']}.albedo"] = albedo
+    _check_all(case, got, t)
+    # The stored weights are the live ones, not the EMA shadow.
+    for key, ema in _state_dict(t, "reference.ema_weights.").items():
+        assert not torch.equal(field.state_dict()[key], ema), f"{key} equals the EMA weights"
+
+
 HANDLERS = {
+    "checkpoint_load": checkpoint_case,
+    "loss": losses_case,
     "renderer_transcribed": raymarch_case,
     "function": cameras_case,
     "function_transcribed": grid_case,

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .cameras import Cameras
 from .multiview import MultiView
 from .viewneti.camera_tokens import (DTU_IMAGE_HEIGHT, DTU_IMAGE_WIDTH, cameras_from_dtu_projections,
                                      read_dtu_projection)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import load_pack
-from tests.test_dtu import SCAN, _rng_image, make_tiny_dtu
+from tests.test_dtu import SCAN, make_tiny_dtu
 
 pack = load_pack()
 

@@ -61,7 +61,7 @@ def level_table(num_levels: int, base_resolution: int, log2_hashmap_size: int, d
         rows = min(max_params, (res_py + 1) ** input_dim)
         rows = int(np.ceil(rows / 8) * 8)
         # exp2f of the float32 product; torch's float32 exp2 matches the fixtures' kernel transcription.
-        p2 = torch.exp2(torch.tensor(np.float32(level) * S, dtype=torch.float32)).numpy()
+        p2 = torch.exp2(torch.tensor(np.float32(level) * S, dtype=torch.float32, device="cpu")).numpy()
         scale = np.float32(p2) * np.float32(base_resolution) - np.float32(1.0)
         resolution = int(math.ceil(float(scale))) + 1
         strides, stride = [], 1

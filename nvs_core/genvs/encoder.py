@@ -149,9 +149,9 @@ class DeepLabV3PlusDecoder(nn.Module):
         super().__init__()
         self.aspp = nn.Sequential(ASPP(encoder_channels[-1], out_channels, atrous_rates),
                                   SeparableConv2d(out_channels, out_channels, 3, padding=1), nn.ReLU())
-        self.up_block1b = UpBlock(out_channels, encoder_channels[-3])
         self.block1 = nn.Sequential(nn.Conv2d(encoder_channels[-4], 48, 1, bias=False), nn.ReLU())
         self.block2 = nn.Sequential(SeparableConv2d(48 + out_channels, out_channels, 3, padding=1), nn.ReLU())
+        self.up_block1b = UpBlock(out_channels, encoder_channels[-3])
         self.up_block2 = UpBlock(out_channels, encoder_channels[-5])
         self.up_block3 = UpBlock(out_channels, encoder_channels[-6], relu=False)
 

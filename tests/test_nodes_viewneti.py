@@ -332,8 +332,8 @@ def build_workflows():
     sampler = wf.add("KSampler", (860, 40), size=(320, 270), seed=0, steps=30, cfg=7.5, sampler_name="dpmpp_2m",
                      scheduler="normal", denoise=1.0)
     decode = wf.add("VAEDecode", (860, 350), size=(220, 50))
-    save = wf.add("SaveImage", (1220, 40), title="Novel views", size=(480, 440), filename_prefix="NVS/viewneti")
-    wf.add("MarkdownNote", (860, 450), title="Read me", size=(840, 360), text=_note(
+    save = wf.add("SaveImage", (1220, 40), title="Novel views", size=(480, 400), filename_prefix="NVS/viewneti")
+    wf.add("MarkdownNote", (860, 480), title="Read me", size=(840, 280), text=_note(
         "novel views", 5, "The object mapper comes from a trained scene (the published `view_neti_models.tar.gz`, "
         "e.g. `scan114/.../mapper-steps-3000_object.pt`, or NVS ViewNeTI Train). The orbit is placed around the "
         "middle of the DTU camera rig: azimuth/elevation 0 is the rig's central view and radius 2 its distance; "
@@ -359,9 +359,9 @@ def build_workflows():
     sampler = wf.add("KSampler", (860, 40), size=(320, 270), seed=0, steps=30, cfg=7.5, sampler_name="dpmpp_2m",
                      scheduler="normal", denoise=1.0)
     decode = wf.add("VAEDecode", (860, 350), size=(220, 50))
-    save = wf.add("SaveImage", (1220, 40), title="Views of the prompt", size=(480, 440),
+    save = wf.add("SaveImage", (1220, 40), title="Views of the prompt", size=(480, 400),
                   filename_prefix="NVS/viewneti_prompt")
-    wf.add("MarkdownNote", (40, 420), title="Read me", size=(780, 330), text=_note(
+    wf.add("MarkdownNote", (860, 480), title="Read me", size=(840, 280), text=_note(
         "view control of a free prompt", 3, "The view token goes in front of any prompt; no object mapper is "
         "needed. `dtu_cameras` picks DTU calibration cameras by index (22, 25, 28: the 3-view training set); "
         "connect NVS cameras to the Apply node's `cameras` input for other views."))

@@ -49,7 +49,8 @@ _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _JSON_SNIFF_LIMIT = 64 << 20
 
 __all__ = [
-    "CheckpointError", "sniff_format", "load_safetensors", "load_torch_weights", "InertObject",
+    "CheckpointError", "sniff_format", "load_safetensors", "load_torch_weights", "numpy_scalar_safe_globals",
+    "InertObject",
     "stand_in", "module_state_dict", "TORCH_MODULE_STAND_INS", "AllowListUnpickler", "safe_unpickle",
     "safe_torch_load", "load_checkpoint", "load_with_config", "save_with_config", "check_state_dict",
 ]
@@ -217,6 +218,25 @@ def load_torch_weights(path, extra_safe_globals: Iterable = ()) -> Any:
         raise _refused(path, e) from None
     except Exception as e:
         raise CheckpointError(path, f"not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def numpy_scalar_safe_globals() -> list:
+    """``extra_safe_globals`` for numpy scalars as full training checkpoints pickle them (e.g. Lightning
+    optimizer/scheduler states holding numpy.float64 learning rates): numpy's scalar reconstructor under its
+    numpy-2 name and, mapped explicitly, the numpy-1 name (``numpy.core.multiarray.scalar``, how 2023 files
+    spell it), ``numpy.dtype`` and the plain numeric dtype classes. All of them only build numbers."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    out = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    for kind in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_):
+        dtype_class = type(np.dtype(kind))
+        if dtype_class is not np.dtype:
+            out.append(dtype_class)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- stand-ins

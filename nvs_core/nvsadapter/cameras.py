@@ -25,7 +25,6 @@ uses the camera's own intrinsics instead (not what the model saw).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -203,6 +202,3 @@ def rays_context_for_cameras(reference: Cameras, targets: Cameras, resolution: i
     out = ray_embedding(origins, directions)
     return out.to(device=device or out.device, dtype=dtype or out.dtype)
 
-
-def fov_deg_of(cameras: Cameras) -> Tuple[float, ...]:
-    return tuple(math.degrees(v) for v in cameras.fov_y.tolist())

@@ -64,6 +64,7 @@ class NVSAdapterConfig:
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions", "offset_deg", "direction_deg"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
         object.__setattr__(self, "meta", dict(self.meta))
         if self.model_channels <= 0 or not self.channel_mult or self.num_res_blocks <= 0:
             raise ValueError(f"invalid NVS-Adapter UNet shape: model_channels {self.model_channels}, "

@@ -55,13 +55,13 @@ def model_state_dict(obj: Any, path: PathLike) -> Tuple[Dict[str, torch.Tensor],
                   if k != "model"}
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(path, f"expected a GeNVS checkpoint (a dict with 'model', or a state dict), "
-                                    f"got {type(obj).__name__}")
+        raise CheckpointError(path, f"not a GeNVS checkpoint: expected a dict with 'model' (genvs.pt) or a state "
+                                    f"dict, got {type(obj).__name__}")
     sd = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(path, f"entry {key!r} is {type(value).__name__}: expected a dict of tensors "
-                                        "(GeNVS 'model' state dict)")
+            raise CheckpointError(path, f"not a GeNVS checkpoint: entry {key!r} is {type(value).__name__}; expected "
+                                        "genvs.pt ({'model': state dict, ...}) or a state dict of tensors")
         sd[key[len("module."):] if key.startswith("module.") else key] = value
     return sd, extras
 

@@ -144,3 +144,7 @@ class NVSAdapterConfig:
 
 # The released ``base_query_4`` model (configs/base.yaml): SD 2.1 base, CLIP ViT-H image embedding.
 SD21_BASE = NVSAdapterConfig()
+# The tiny SD-layout test model of ``nvs_core.sd.tiny.TINY_UNET`` (16 layers, widths 32/32/64/64, latent 16).
+TINY_SD = NVSAdapterConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2,
+                           attention_resolutions=(4, 2, 1), num_head_channels=16, context_dim=32,
+                           image_context_dim=24, latent_resolution=16)

@@ -124,6 +124,16 @@ class NVSAdapter(nn.Module):
             parent = parent[part]
         parent[parts[-1]] = _Wrapped(block)
 
+    def zero_init_outputs(self) -> "NVSAdapter":
+        """The published training start: zero ``to_out`` of the cross-view, image and query-out attentions
+        (``attn_out_zero_init``); the composer's ``support_query_attn`` keeps its random init."""
+        with torch.no_grad():
+            for block in self._blocks:
+                for module in (block.cross_view_attn_module, block.image_attn_module, block.query_out_attn):
+                    module.to_out[0].weight.zero_()
+                    module.to_out[0].bias.zero_()
+        return self
+
     @property
     def layers(self) -> List[AdapterLayer]:
         return self.config.layers()

@@ -5,6 +5,9 @@ world up +z; the scene lives in the cube [-bound, bound]^3. Source volumes are (
 channel k = c*D + d; depth plane 0 is the far end (camera distance + 1), plane D-1 the near end.
 Intrinsics are (fx, fy, cx, cy) in pixels of the render grid; ``camera_k`` = fx/cx = 1/tan(half FOV).
 
+Rays whose cube intersection lies behind the camera (far < near after the min_near clamp) render the
+background like rays that miss; the published renderer marches them backwards (negative deltas).
+
 Rendering is chunked over rays: :func:`rays_per_chunk` turns a memory budget into a chunk size, so a
 64x64 render from six full-size source volumes stays within ``memory_mb`` of working memory (the
 volumes themselves are not counted).
@@ -188,6 +191,11 @@ def render_rays(field: NeRFField, rays_o: torch.Tensor, rays_d: torch.Tensor, sr
     the composite reuses those values after sorting.
     """
     near, far = near_far_from_bound(rays_o, rays_d, field.bound, field.min_near)
+    # The cube lies entirely behind the camera (or closer than min_near): the published code would march
+    # backwards (negative deltas); such rays render the background like any other miss.
+    behind = far < near
+    near = torch.where(behind, torch.full_like(near, 1e9), near)
+    far = torch.where(behind, torch.full_like(far, 1e9), far)
     ramp = torch.linspace(0.0, 1.0, num_steps, device=rays_o.device, dtype=rays_o.dtype)
     z = near + (far - near) * ramp
     sample_dist = (far - near) / num_steps

@@ -299,3 +299,30 @@ def test_cli_trains_a_folder(tmp_path, monkeypatch, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["steps"] == 1 and line["effective_lr"] == pytest.approx(1e-3)
     assert T.load_trained(tmp_path / "out", "cli").view is not None
+
+
+def test_cli_trains_dtu_scans_in_mode_3(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from nvs_core.__main__ import main
+
+    for scan in (3, 4):
+        folder = tmp_path / "dtu" / "Rectified" / f"scan{scan}"
+        folder.mkdir(parents=True)
+        for k in (25, 22, 28):
+            Image.fromarray((torch.rand(12, 16, 3) * 255).to(torch.uint8).numpy()).save(
+                folder / f"rect_{k + 1:03d}_3_r5000.png")
+    calibration = tmp_path / "dtu" / "Calibration" / "cal18"
+    calibration.mkdir(parents=True)
+    for path in (GOLDEN / "viewneti" / "cal18_synthetic").glob("pos_*.txt"):
+        (calibration / path.name).write_text(path.read_text())
+    monkeypatch.setattr(T, "_load_backend", lambda args: backend())
+    assert main(["viewneti-train", "--sd", "unused", "--dtu-root", str(tmp_path / "dtu"), "--dtu-scan", "3",
+                 "--dtu-scan", "4", "--dtu-subset", "3", "--mode", "3", "--steps", "1", "--batch", "1",
+                 "--accumulation", "1", "--width", "16", "--height", "16", "--augmentation", "published-5",
+                 "--out", str(tmp_path / "out")]) == 0
+    model = T.load_trained(tmp_path / "out")
+    assert list(model.objects) == ["<scan3>", "<scan4>"] and model.view.camera_representation == "dtu-12d"
+    tokens = [DTUCalibration.from_folder(calibration).token(k) for k in (22, 25, 28)]
+    assert json.loads((tmp_path / "out" / "viewneti_view.json").read_text())["meta"]["cfg"]["data"][
+        "training_view_tokens"][:3] == tokens  # load_dtu_scan's sorted order, tokens from the calibration files

@@ -888,6 +888,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                         help="multi-view folder (images + cameras.json/transforms.json); repeat for mode 3")
     parser.add_argument("--object-token", action="append", default=[],
                         help="object placeholder per folder (default <object>, mode 3: <scene0>, <scene1>, ...)")
+    parser.add_argument("--dtu-root", default=None,
+                        help="DTU folder with Rectified/scan{ID}/ and Calibration/cal18/ (instead of --folder)")
+    parser.add_argument("--dtu-scan", type=int, action="append", default=[],
+                        help="DTU scan number (repeat for mode 3), e.g. 114")
+    parser.add_argument("--dtu-subset", type=int, choices=(1, 3, 6, 9), default=3, help="training views per scan")
     parser.add_argument("--representation", choices=("spherical", "dtu-12d"), default="spherical",
                         help="camera tokens for the folders' cameras")
     parser.add_argument("--calibration", default=None,
@@ -930,19 +935,24 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.folder:
-        raise SystemExit("viewneti-train: give at least one --folder with training images and cameras")
+    if not args.folder and not args.dtu_root:
+        raise SystemExit("viewneti-train: give --folder (images + cameras) or --dtu-root with --dtu-scan")
     representation = "none" if args.mode == 0 else args.representation
     tokens = list(args.object_token)
+    dtu_range = DTUCameraRange.from_calibration_folder(args.calibration) if args.calibration else None
     scenes = []
+    if args.dtu_root:
+        scenes, dtu_range = scenes_from_dtu(args.dtu_root, args.dtu_scan, args.dtu_subset, args.calibration,
+                                            tokens or None)
     for i, folder in enumerate(args.folder):
         token = tokens[i] if i < len(tokens) else (f"<scene{i}>" if args.mode == 3 else DEFAULT_OBJECT_TOKEN)
         scenes.append(scene_from_multiview(load_folder(folder), representation, token, name=Path(folder).name))
+    if args.mode == 0:
+        scenes = [TrainingScene(s.images, None, s.object_token, s.name) for s in scenes]
     pretrained = None
     if args.pretrained_view:
         pretrained = load_viewneti(args.pretrained_view, learned_embeds=args.pretrained_embeds,
-                                   calibration=args.calibration)
-    dtu_range = DTUCameraRange.from_calibration_folder(args.calibration) if args.calibration else None
+                                   calibration=args.calibration or (dtu_range.to_numbers() if dtu_range else None))
     resolution = [args.width, args.height] if args.width and args.height else None
     config = ViewNetiTrainConfig(learnable_mode=args.mode, steps=args.steps, learning_rate=args.lr,
                                  scale_lr=not args.no_scale_lr, batch_size=args.batch,

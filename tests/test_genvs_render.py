@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from nvs_core.cameras import Cameras, orbit
-from nvs_core.genvs.cameras import GeNVSCameras, circle_path, from_genvs, spherical_path, to_genvs
+from nvs_core.cameras import orbit
+from nvs_core.genvs.cameras import circle_path, from_genvs, spherical_path, to_genvs
 from nvs_core.genvs.nerf import NeRFField, RenderDraws, SourceViews, render_views, rays_per_chunk
 from nvs_core.genvs.pipeline import generate_views
 from nvs_core.progress import silent_progress

@@ -8,7 +8,7 @@ from ``NVS_CAMERA`` in ``cameras``; weights load from ``genvs.pt`` or our format
 
 Documented differences from the published scripts, each behind a named option:
 - sampling runs in eval mode by default; ``published_train_mode=True`` reproduces the scripts, which
-  never call ``eval()`` (random importance samples, denoiser dropout 0.05 active);
+  never leave train mode (random importance samples, denoiser dropout 0.05 active);
 - the renderer evaluates the field once per coarse and once per fine sample and reuses those values
   for the final composite (the original evaluates all 128 samples a third time; same values);
 - rendering is chunked over rays and the autoregressive orbit caches encoder volumes instead of

@@ -14,7 +14,6 @@ pose/K arrays; :func:`nvs_core.multiview.load_srn` reads the folders into ``NVS_
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 

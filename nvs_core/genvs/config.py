@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 # The three published k-diffusion configs differ only in their sigma limits (and training density).
 NOISE_CONFIGS: Dict[str, Dict[str, float]] = {

@@ -3,7 +3,7 @@ and ``ddpm_pipeline`` (the preconditioned ``image_v1`` denoiser), built from a :
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn

@@ -14,7 +14,7 @@ volume whose next use is farthest away (and forgets volumes never used again).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -63,6 +63,8 @@ class VolumeCache:
         self.offload, self.offload_dtype = offload, offload_dtype
         self.next_use = next_use or (lambda entry, now: now + 1)
         self.images: Dict[int, torch.Tensor] = {}
+        self._device: Optional[torch.device] = None   # where (and in which dtype) the encoder puts volumes
+        self._dtype: Optional[torch.dtype] = None
         self.device: Dict[int, torch.Tensor] = {}
         self.host: Dict[int, torch.Tensor] = {}
         self.stats = CacheStats()
@@ -71,14 +73,12 @@ class VolumeCache:
         self.images[entry] = images01.detach()
 
     def get(self, entry: int, now: int, pinned: Sequence[int] = ()) -> torch.Tensor:
+        """The volume of ``entry`` on the compute device (``pinned`` entries are in use: never evicted)."""
         if entry in self.device:
             return self.device[entry]
         if entry in self.host:
-            vol = self.host.pop(entry)
+            vol = self.host.pop(entry).to(device=self._device, dtype=self._dtype, non_blocking=True)
             self.stats.uploaded += 1
-            ref = next(iter(self.device.values()), None)
-            dtype = ref.dtype if ref is not None else torch.float32
-            vol = vol.to(device=self._device_of(), dtype=self._dtype or dtype, non_blocking=True)
         else:
             vol = self.encode_fn(self.images[entry])
             self.stats.encoded += vol.shape[0]
@@ -86,12 +86,6 @@ class VolumeCache:
         self.device[entry] = vol
         self._evict(now, pinned=set(pinned) | {entry})
         return vol
-
-    _device: Optional[torch.device] = None
-    _dtype: Optional[torch.dtype] = None
-
-    def _device_of(self):
-        return self._device if self._device is not None else "cpu"
 
     def _evict(self, now: int, pinned) -> None:
         for entry in [e for e in self.device if e not in pinned and self.next_use(e, now) is None]:

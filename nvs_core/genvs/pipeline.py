@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..progress import ProgressFactory, resolve, shared
 from .cameras import GeNVSCameras
 from .model import GeNVS
-from .nerf import DEFAULT_RENDER_MEMORY_MB, RenderDraws, SourceViews
+from .nerf import DEFAULT_RENDER_MEMORY_MB, SourceViews
 from .sampler import BatchNoise, PerTargetNoise, sample
 
 NOISE_MODES = ("batch", "per_target")

@@ -12,8 +12,7 @@ recorded draws. Draws are made on the CPU in float32 and moved, so results do no
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 

@@ -13,7 +13,7 @@ from nvs_core.checkpoints import load_safetensors
 from nvs_core.convert import convert
 from nvs_core.genvs import cameras as genvs_cameras
 from nvs_core.genvs import sampler as genvs_sampler
-from nvs_core.genvs.config import DenoiserConfig, tiny_config
+from nvs_core.genvs.config import DenoiserConfig
 from nvs_core.genvs.denoiser import build_denoiser
 from nvs_core.genvs.encoder import DeepLabV3PlusDecoder, preprocess
 from nvs_core.genvs.loading import genvs_from_state_dict, load_genvs, load_genvs_checkpoint

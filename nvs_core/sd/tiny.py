@@ -183,7 +183,7 @@ def unet_from_ldm_state_dict(config: dict, state: dict):
 
 
 TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
-                        num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu")
+                        num_attention_heads=4, image_size=224, patch_size=56, hidden_act="gelu")
 
 
 def tiny_clip_vision(seed=0, **overrides):

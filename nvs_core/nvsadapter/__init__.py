@@ -11,6 +11,7 @@ and attention to the CLIP ViT-H image embedding, with Plücker-ray embeddings of
 - ``network``: the batch builder ([reference rows, query rows], per-row timesteps, in-model CFG rows) and one
   evaluation through ``SDBackend.unet`` with the after-self-attention patch;
 - ``sampler``: the published 50-step Euler with in-model CFG;
+- ``pipeline``: reference preprocessing (white background, CLIP image embedding) and views in groups;
 - ``loading``: the Lightning checkpoint (adapter tensors only, EMA by default) and the ``nvsadapter`` converter.
 
 Published quirks reproduced (see each module): reference features doubled in every block's image-attention step;
@@ -21,6 +22,7 @@ from .cameras import rays_context_for_cameras, rays_context_spherical
 from .config import SD21_BASE, AdapterLayer, NVSAdapterConfig
 from .loading import convert_nvs_adapter, extract_adapter, load_nvs_adapter
 from .model import AdapterBlock, NVSAdapter
+from .pipeline import clip_image_embedding, generate_views, prepare_reference
 from .network import AdapterBatch, AdapterHook, adapter_eps, adapter_forward, build_batch
 from .sampler import denoiser_sigmas, euler_cfg, sample, sampling_schedule
 
@@ -28,5 +30,5 @@ __all__ = [
     "NVSAdapterConfig", "AdapterLayer", "SD21_BASE", "NVSAdapter", "AdapterBlock", "rays_context_for_cameras",
     "rays_context_spherical", "AdapterBatch", "AdapterHook", "build_batch", "adapter_eps", "adapter_forward",
     "sample", "euler_cfg", "sampling_schedule", "denoiser_sigmas", "load_nvs_adapter", "extract_adapter",
-    "convert_nvs_adapter",
+    "convert_nvs_adapter", "generate_views", "prepare_reference", "clip_image_embedding",
 ]

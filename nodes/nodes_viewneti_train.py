@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 
@@ -23,6 +21,7 @@ from ..nvs_core.viewneti.loading import ViewNetiModel
 
 from . import host
 from .common import CAMERA, MULTIVIEW, check_image, float_input, int_input, seed_input
+from .nodes_vivid import _clone_views, _copy_atomic  # inputs as ordinary tensors; atomic file copies
 
 CATEGORY = "NVS/ViewNeTI"
 METHOD = "viewneti"
@@ -64,23 +63,6 @@ def _placeholders(text: str, count: int, mode: int):
     if len(tokens) != count:
         raise ValueError(f"object_placeholder: {len(tokens)} placeholders for {count} scenes")
     return tokens
-
-
-def _copy_atomic(source, target) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".nvs-", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _clone_views(views: MultiView) -> MultiView:
-    clone = (lambda t: None if t is None else t.detach().clone())
-    return MultiView(clone(views.images), views.cameras, masks=clone(views.masks), depth=clone(views.depth),
-                     names=list(views.names) if views.names else None)
 
 
 def _scan_list(text: str):

@@ -69,7 +69,7 @@ from torch import nn
 from ..cameras import Cameras
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..multiview import MultiView
-from ..progress import Progress, ProgressFactory, TqdmProgress, resolve
+from ..progress import ProgressFactory, resolve
 from ..sd.interface import COND, SDBackend, UNetPatches
 from .camera_tokens import (DTUCalibration, DTUCameraRange, SphericalViewRange, dtu_view_tokens_for_cameras,
                             format_spherical_view_token, is_dtu_view_token, spherical_view_from_cameras)
@@ -721,7 +721,6 @@ def train_viewneti(backend: SDBackend, scenes: Sequence[TrainingScene], config: 
 
     patches = UNetPatches(contexts=_CurrentContexts())
     schedule = backend.schedule
-    scene_order = list(range(len(scenes)))
     desc = f"ViewNeTI training (mode {mode})"
     start_time = time.perf_counter()
     bar = resolve(progress, config.steps, desc)
@@ -735,7 +734,7 @@ def train_viewneti(backend: SDBackend, scenes: Sequence[TrainingScene], config: 
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for _ in range(config.gradient_accumulation):
-                    s = scene_order[int(torch.randint(len(scenes), (1,), generator=generator))]
+                    s = int(torch.randint(len(scenes), (1,), generator=generator))  # mode 3: any scene
                     loss = _micro_batch(backend, patches, schedule, config, mode, scenes[s], pixels[s],
                                         view_inputs[s], view_mapper, view_id, objects[scenes[s].object_token],
                                         object_id, fixed_ids, template_ids, augment, generator, device)
@@ -852,27 +851,6 @@ def _load_state(path: Path, mappers: Dict[str, nn.Module], optimizer, recipe) ->
 
 # --------------------------------------------------------------------------------- command line
 
-class LossProgress(TqdmProgress):
-    """Console progress with the loss, and a log line every ``log_every`` steps."""
-
-    def __init__(self, total: int, desc: str = "", log_every: int = 50):
-        super().__init__(total, desc)
-        self.log_every, self._recent, self.start = log_every, [], time.perf_counter()
-
-    def set_postfix(self, loss: float) -> None:
-        self._recent.append(loss)
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def update(self, n: int = 1) -> None:
-        super().update(n)
-        if self.log_every and self.done % self.log_every == 0 and self._recent:
-            line = (f"step {self.done}/{self.total}  loss {sum(self._recent) / len(self._recent):.4f}  "
-                    f"{time.perf_counter() - self.start:.0f} s")
-            print(line, file=sys.stderr, flush=True)
-            self._recent = []
-
-
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``viewneti-train`` (``python -m nvs_core viewneti-train``)."""
     parser = subparsers.add_parser(
@@ -961,8 +939,10 @@ def run_cli(args: argparse.Namespace) -> int:
                                  name=args.name, out_dir=args.out, resume=not args.no_resume,
                                  reproduce=" ".join(sys.argv))
     backend = _load_backend(args)
+    from ..vivid.training import LossProgress  # console bar with the loss and a log line every N steps
+
     result = train_viewneti(backend, scenes, config, pretrained, dtu_range,
-                            progress=lambda total, desc: LossProgress(total, desc))
+                            progress=lambda total, desc: LossProgress(total, desc, log_every=50))
     tail = result.losses[-50:]
     print(json.dumps({"steps": result.step, "seconds": round(result.seconds, 1),
                       "loss_last50": round(sum(tail) / max(len(tail), 1), 5), "skipped_steps": result.skipped_steps,

@@ -140,10 +140,11 @@ def genvs_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Option
                           dtype: Optional[torch.dtype] = torch.float32, source: PathLike = "<state dict>") -> GeNVS:
     """Build from ``config`` (inferred from shapes if None) and load strictly; errors name ``source``."""
     config = config if config is not None else infer_config(state_dict)
-    model = build_genvs(config, device="meta")
+    model = build_genvs(config, device="meta")   # no random init: every tensor comes from the file
     check_state_dict(model.state_dict(), state_dict, source)
-    model = build_genvs(config)
-    model.load_state_dict(dict(state_dict), strict=True)
+    # fresh contiguous copies: file-backed tensors can be misaligned, which changes CPU kernels' rounding
+    model.load_state_dict({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()},
+                          strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device) if device is not None else model

@@ -426,9 +426,7 @@ def _trainable_copy(mapper: nn.Module) -> nn.Module:
     with torch.inference_mode(False):
         copied = copy.deepcopy(mapper)
         for tensor in list(copied.parameters()) + list(copied.buffers()):
-            tensor.data = tensor.data.clone()
-        if hasattr(copied, "encoder") and hasattr(copied.encoder, "w"):
-            copied.encoder.w = copied.encoder.w.clone()
+            tensor.data = tensor.data.clone()  # buffers include the Fourier matrix
     return copied
 
 

@@ -8,10 +8,10 @@ The ComfyUI adapter lives in ``nodes/sd_comfy.py`` (nvs_core never imports Comfy
 """
 from .interface import (COND, DIFFUSERS_ATTENTIONS, LAYER_NAMES, LDM_BLOCKS, NUM_LAYERS, PREDICTION_TYPES, UNCOND,
                         AfterSelfAttention, BlockCall, CrossAttentionContexts, LayerCall, NoiseSchedule, SDBackend,
-                        UNetPatches, override_cross_attention_context, prepared, shared_timestep)
+                        UNetCallWrapper, UNetPatches, override_cross_attention_context, prepared, shared_timestep)
 
 __all__ = [
     "COND", "UNCOND", "NUM_LAYERS", "LAYER_NAMES", "LDM_BLOCKS", "DIFFUSERS_ATTENTIONS", "PREDICTION_TYPES",
     "LayerCall", "BlockCall", "CrossAttentionContexts", "AfterSelfAttention", "UNetPatches", "NoiseSchedule",
-    "SDBackend", "override_cross_attention_context", "prepared", "shared_timestep",
+    "SDBackend", "UNetCallWrapper", "override_cross_attention_context", "prepared", "shared_timestep",
 ]

@@ -7,7 +7,9 @@ as they were afterwards):
   calls without an override go to the module's own processor unchanged;
 - (b) each transformer block's ``forward`` is replaced by the SD 1.x/2.x block computation with the hook
   after the self-attention residual (where ComfyUI's ``middle_patch`` sits); a pre-hook on its
-  Transformer2DModel records the token grid (h, w).
+  Transformer2DModel records the token grid (h, w);
+- (f) a ``unet_wrapper`` gets the call's rows and a ``run`` that evaluates the UNet, with the other patches,
+  on the batch it builds (one COND chunk).
 Loading: diffusers folders, and single-file LDM checkpoints (``.safetensors``/``.ckpt``) through
 diffusers' ``from_single_file`` with a local config folder (``configs/sd15``, ``sd21``, ``sd21-base`` ship
 with this package; no download is ever attempted). diffusers/transformers are imported lazily.
@@ -243,6 +245,13 @@ class DiffusersSDBackend(SDBackend):
         timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=latents.device).reshape(-1)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(latents.shape[0])
+        if patches is not None and patches.unet_wrapper is not None:
+            inner = UNetPatches(patches.contexts, patches.after_self_attention)
+
+            def run_batch(batch_latents, batch_timesteps, batch_context):
+                return self.unet(batch_latents, batch_timesteps, batch_context, (COND,), inner)
+
+            return patches.unet_wrapper(latents, timesteps, context, chunks, run_batch).to(latents.dtype)
         dtype = self.unet_model.dtype
         run = lambda: self.unet_model(latents.to(dtype), timesteps, encoder_hidden_states=context.to(dtype),
                                       return_dict=False)[0]

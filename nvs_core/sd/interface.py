@@ -20,7 +20,8 @@ Capabilities (``SDBackend``):
 (b) a hook right after the self-attention residual of every transformer block (``AfterSelfAttention``);
 (c) noise prediction with classifier-free guidance, differentiable when grad is enabled;
 (d) text encoding with vectors injected at placeholder positions (keys and bypassed values contexts);
-(e) VAE encode (differentiable) / decode with the model's latent scaling.
+(e) VAE encode (differentiable) / decode with the model's latent scaling;
+(f) a wrapper around the whole UNet call that may rebuild the batch (``UNetCallWrapper``).
 """
 from __future__ import annotations
 
@@ -91,13 +92,25 @@ class BlockCall:
 AfterSelfAttention = Callable[[torch.Tensor, BlockCall], torch.Tensor]
 
 
+# A UNet call that rebuilds its batch (e.g. NVS-Adapter's clean reference rows with their own timesteps):
+# ``wrapper(latents, timesteps, context, chunks, run)`` gets the rows the caller (or a host sampler) passes --
+# DDPM-scale latents (B, 4, h, w), timesteps (B,), context (B, T, D), the chunk labels -- and returns the raw
+# output for exactly those rows; ``run(latents, timesteps, context)`` evaluates the UNet (with the other patches)
+# on any batch it builds. Hosts install it around the diffusion model (ComfyUI: a ``DIFFUSION_MODEL`` wrapper),
+# so their own samplers go through it too.
+UNetCallWrapper = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[str, ...],
+                            Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]], torch.Tensor]
+
+
 @dataclass
 class UNetPatches:
     contexts: Optional[CrossAttentionContexts] = None
     after_self_attention: Optional[AfterSelfAttention] = None
+    unet_wrapper: Optional[UNetCallWrapper] = None
 
     def __bool__(self) -> bool:
-        return self.contexts is not None or self.after_self_attention is not None
+        return (self.contexts is not None or self.after_self_attention is not None
+                or self.unet_wrapper is not None)
 
 
 def chunk_rows(batch: int, chunks: Sequence[str]) -> int:

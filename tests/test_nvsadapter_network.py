@@ -145,3 +145,29 @@ def test_sampling_through_the_backend_is_seeded():
     first = run(0)
     assert first.shape == (1, 2, 4, H, H) and torch.isfinite(first).all()
     assert torch.equal(first, run(0)) and not torch.equal(first, run(1))  # seeds drive the uncond reference draw
+
+
+def test_host_sampler_call_equals_the_in_model_cfg():
+    """A host sampler's CFG call ([uncond chunk, cond chunk] of Q rows, text per chunk) through the UNet-call
+    wrapper gives the published in-model CFG: the uncond chunk becomes the unconditional object."""
+    from nvs_core.nvsadapter.network import AdapterCondition, AdapterUNetCall, adapter_eps, hook_for
+
+    x = _inputs(objects=1, queries=2)
+    condition = AdapterCondition(x["reference_latents"], x["image_context"], x["rays_context"])
+    call = AdapterUNetCall(_adapter(), condition, seed=4)
+    latents, t = x["query_latents"][0], x["timesteps"].float()
+    with torch.no_grad():
+        got = _backend().predict_noise(latents, t, x["text_context"], x["text_context"], 3.0, call.patches)
+        published = build_batch(torch.cat([x["query_latents"]] * 2), x["timesteps"].repeat(2),
+                                *(torch.cat([x[k]] * 2) for k in ("text_context", "image_context", "rays_context",
+                                                                  "reference_latents")),
+                                uncond=torch.tensor([True, False]), generator=torch.Generator().manual_seed(4))
+        eps_u, eps_c = adapter_eps(_backend(), _adapter(), published)
+    assert torch.allclose(got, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+    assert hook_for(_adapter()).batch is None  # unbound after the call
+    call.reseed(4)
+    with torch.no_grad():
+        again = _backend().predict_noise(latents, t, x["text_context"], x["text_context"], 3.0, call.patches)
+    assert torch.equal(again, got)
+    with pytest.raises(ValueError, match="3 views, the NVS-Adapter conditioning was made for 2"):
+        _backend().predict_noise(torch.randn(3, 4, H, H), t, x["text_context"], None, 1.0, call.patches)

@@ -15,12 +15,13 @@ the adapter's steps 2-4 at every wrapped block, and returns the query rows' eps 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 
-from ..sd.interface import COND, BlockCall, SDBackend, UNetPatches
+from ..sd.interface import COND, UNCOND, BlockCall, SDBackend, UNetPatches, chunk_rows
 from .model import NVSAdapter
 
 MAX_TIMESTEP = 999
@@ -82,12 +83,27 @@ def build_batch(query_latents: torch.Tensor, timesteps: torch.Tensor, text_conte
 
 
 class AdapterHook:
-    """The ``after_self_attention`` patch of one batched UNet call (posemb per level computed once)."""
+    """The ``after_self_attention`` patch of one adapter (one object per adapter, so hosts that cache patched
+    models by patch identity keep one); ``bind(batch)`` supplies the batch of the running UNet call."""
 
-    def __init__(self, adapter: NVSAdapter, batch: AdapterBatch):
-        self.adapter, self.batch = adapter, batch
+    def __init__(self, adapter: NVSAdapter):
+        self.adapter = adapter
         self.layers = adapter.layers
+        self.batch: Optional[AdapterBatch] = None
         self._posemb: Dict[int, torch.Tensor] = {}
+        self.patches = UNetPatches(after_self_attention=self)
+
+    def __deepcopy__(self, memo):
+        return self  # hosts deep-copy their patch options: share the adapter, never copy it
+
+    @contextmanager
+    def bind(self, batch: AdapterBatch):
+        previous = (self.batch, self._posemb)
+        self.batch, self._posemb = batch, {}
+        try:
+            yield self
+        finally:
+            self.batch, self._posemb = previous
 
     def posemb_tokens(self, level: int) -> torch.Tensor:
         if level not in self._posemb:
@@ -96,6 +112,8 @@ class AdapterHook:
         return self._posemb[level]
 
     def __call__(self, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        if self.batch is None:
+            raise ValueError("the NVS-Adapter patch ran outside an adapter UNet call (no batch bound)")
         if call.layer >= len(self.layers):
             raise ValueError(f"the UNet has a transformer block {call.layer}, the NVS-Adapter only "
                              f"{len(self.layers)}: the adapter does not fit this SD model")
@@ -110,9 +128,17 @@ class AdapterHook:
                              f"{tokens.shape[1]} in the ray embedding (latents and rays on different grids?)")
         block = self.adapter.block(call.layer)
         dtype = block.support_emb.dtype
-        out = block.after_self_attention(hidden.to(dtype), tokens.to(dtype), self.batch.image.to(hidden.device, dtype),
-                                         self.batch.objects, self.batch.queries)
+        out = block.after_self_attention(hidden.to(dtype), tokens.to(hidden.device, dtype),
+                                         self.batch.image.to(hidden.device, dtype), self.batch.objects,
+                                         self.batch.queries)
         return out.to(hidden.dtype)
+
+
+def hook_for(adapter: NVSAdapter) -> AdapterHook:
+    """The adapter's one patch object."""
+    if "_hook" not in adapter.__dict__:
+        adapter.__dict__["_hook"] = AdapterHook(adapter)
+    return adapter.__dict__["_hook"]
 
 
 def check_backend(backend: SDBackend, adapter: NVSAdapter) -> None:
@@ -134,8 +160,9 @@ def adapter_eps(backend: SDBackend, adapter: NVSAdapter, batch: AdapterBatch) ->
     if batch.image.shape[-1] != adapter.config.image_context_dim:
         raise ValueError(f"image embedding width {batch.image.shape[-1]}: expected {adapter.config.image_context_dim} "
                          "(the projected CLIP ViT-H image embedding)")
-    hook = AdapterHook(adapter, batch)
-    output = backend.unet(batch.latents, batch.timesteps, batch.text, (COND,), UNetPatches(after_self_attention=hook))
+    hook = hook_for(adapter)
+    with hook.bind(batch):
+        output = backend.unet(batch.latents, batch.timesteps, batch.text, (COND,), hook.patches)
     return output[batch.objects:].unflatten(0, (batch.objects, batch.queries))
 
 
@@ -146,3 +173,68 @@ def adapter_forward(backend: SDBackend, adapter: NVSAdapter, query_latents, time
     batch = build_batch(query_latents, timesteps, text_context, image_context, rays_context, reference_latents,
                         uncond, noise, generator)
     return adapter_eps(backend, adapter, batch)
+
+
+# ------------------------------------------------------------------------------ host samplers
+
+@dataclass
+class AdapterCondition:
+    """What a patched SD model carries so that any sampler can run the adapter: one reference view and the
+    Q target cameras it generates (the latent batch of the sampler = the Q target views)."""
+
+    reference_latents: torch.Tensor   # (1, 1, 4, h, w) clean, scaled
+    image_context: torch.Tensor       # (1, 1, D_img)
+    rays_context: torch.Tensor        # (1, 1 + Q, 144, h, w)
+
+    @property
+    def queries(self) -> int:
+        return self.rays_context.shape[1] - 1
+
+
+class AdapterUNetCall:
+    """The ``UNetCallWrapper`` that puts the published batch around a host sampler's rows.
+
+    The host passes chunks of Q rows (the target views) with their own labels: a COND chunk becomes a
+    conditional object, an UNCOND chunk an unconditional one (rays 0, image embedding 0, random reference at
+    t 999 -- the in-model CFG drop, whatever the negative prompt says). The reference rows are inserted clean and
+    unscaled at t 0; the host's rows come back in their order. Unconditional reference draws come from a CPU
+    generator (``reseed`` at the start of a sampling run for reproducible results).
+    """
+
+    def __init__(self, adapter: NVSAdapter, condition: AdapterCondition, seed: int = 0):
+        self.adapter, self.condition = adapter, condition
+        self.generator = torch.Generator().manual_seed(int(seed))
+        hook = hook_for(adapter)
+        self.patches = UNetPatches(after_self_attention=hook, unet_wrapper=self)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(int(seed))
+
+    def batch(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, chunks) -> AdapterBatch:
+        chunks = tuple(chunks)
+        rows = chunk_rows(latents.shape[0], chunks)
+        queries = self.condition.queries
+        if rows != queries:
+            raise ValueError(f"the latent batch has {rows} views, the NVS-Adapter conditioning was made for "
+                             f"{queries} target cameras (use the LATENT from the same NVS-Adapter apply)")
+        objects = len(chunks)
+        steps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        steps = steps.reshape(objects, queries)
+        if not bool((steps == steps[:, :1]).all()):
+            raise ValueError("the NVS-Adapter needs one timestep per chunk (all target views at the same noise level)")
+        c = self.condition
+        device = latents.device
+        return build_batch(latents.unflatten(0, (objects, queries)), steps[:, 0].round().long(),
+                           context[::queries], c.image_context.to(device).expand(objects, -1, -1),
+                           c.rays_context.to(device).expand(objects, -1, -1, -1, -1),
+                           c.reference_latents.to(device, latents.dtype).expand(objects, -1, -1, -1, -1),
+                           uncond=torch.tensor([label == UNCOND for label in chunks]), generator=self.generator)
+
+    def __call__(self, latents, timesteps, context, chunks, run):
+        batch = self.batch(latents, timesteps, context, chunks)
+        with hook_for(self.adapter).bind(batch):
+            output = run(batch.latents, batch.timesteps.to(torch.float32), batch.text)
+        return output[batch.objects:]

@@ -148,7 +148,7 @@ def _adapter_forward_case(case: dict, method_dir: Path) -> None:
     def recording_call(self, hidden, call):
         result = original_call(self, hidden, call)
         if call.layer == 0:
-            seen.update(hook=self, hidden=hidden, result=result)
+            seen.update(tokens=self.posemb_tokens(self.layers[0].level), hidden=hidden, result=result)
         return result
 
     AdapterHook.__call__ = recording_call
@@ -169,12 +169,10 @@ def _adapter_forward_case(case: dict, method_dir: Path) -> None:
                     "inter.xunet.rays_context": batch.rays})
         for level in range(len(adapter.pe_blocks)):
             got[f"inter.xunet.posemb_level{level}"] = adapter.posemb(batch.rays, level)
-        hook = seen["hook"]
-        posemb_level = adapter.layers[0].level
         side = t["inter.st.x_in"].shape[-2:]
-        got["inter.st.posemb_in"] = hook.posemb_tokens(posemb_level).transpose(1, 2).unflatten(2, side)
-        steps = block_steps(adapter.block(0), seen["hidden"], hook.posemb_tokens(posemb_level), batch.image,
-                            batch.objects, batch.queries)
+        got["inter.st.posemb_in"] = seen["tokens"].transpose(1, 2).unflatten(2, side)
+        steps = block_steps(adapter.block(0), seen["hidden"], seen["tokens"], batch.image, batch.objects,
+                            batch.queries)
         assert torch.equal(steps["state_after_image_attn"], seen["result"])
     got.update({f"inter.blk.{k}": v for k, v in steps.items()})
     got["inter.blk.state_after_attn2"] = got["inter.blk.attn2_out"] + got["inter.blk.state_after_image_attn"]

@@ -113,3 +113,30 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="noise must be one of"):
         generate_views(model, torch.rand(1, 3, 32, 32), cams[[0]], cams[[1]], steps=1, noise="x",
                        progress=silent_progress)
+
+
+def test_srn_reader(tmp_path):
+    from PIL import Image
+
+    from nvs_core.multiview import load_srn
+
+    for sub in ("rgb", "pose"):
+        (tmp_path / sub).mkdir()
+    eye = [[1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, -1.0, 1.3], [0, 0, 0, 1.0]]   # OpenCV, looking down -z
+    for i in range(3):
+        Image.new("RGBA", (16, 16), (10, 20, 30, 0)).save(tmp_path / "rgb" / f"{i:06d}.png")
+        (tmp_path / "pose" / f"{i:06d}.txt").write_text(" ".join(str(v) for row in eye for v in row))
+    with pytest.raises(FileNotFoundError, match="intrinsics"):
+        load_srn(tmp_path)
+    (tmp_path / "intrinsics.txt").write_text("131.25 64 64 0.\n0. 0. 0.\n1.\n128 128\n")
+    mv = load_srn(tmp_path)
+    assert mv.names == ["000000", "000001", "000002"] and mv.images.shape == (3, 16, 16, 3)
+    assert torch.all(mv.images == 1)                       # transparent pixels composited on white
+    assert torch.allclose(mv.cameras.intrinsics[0], torch.tensor([131.25 / 128, 131.25 / 128, 0.5, 0.5],
+                                                                 dtype=torch.float64))
+    g = to_genvs(mv.cameras)
+    assert torch.allclose(g.poses[0], torch.tensor(eye) @ torch.diag(torch.tensor([1.0, -1, -1, 1])))
+    with pytest.raises(FileNotFoundError, match="no image for view"):
+        load_srn(tmp_path, views=["000009"])
+    with pytest.raises(FileNotFoundError, match="SRN instance"):
+        load_srn(tmp_path / "rgb")

@@ -121,6 +121,9 @@ def test_schedule_and_cache_bounds(model, cams):
     assert b["stats"].encoded > a["stats"].encoded
     c = autoregressive_orbit(model, imgs, cams[[0]], path, max_cached_volumes=2, offload_dtype=torch.float16, **kw)
     assert torch.allclose(a["images"], c["images"], atol=0.05)
+    d = autoregressive_orbit(model, imgs, cams[[0]], path, max_cached_volumes=2, max_offloaded_volumes=1, **kw)
+    assert torch.equal(a["images"], d["images"]) and d["stats"].encoded > a["stats"].encoded
+    assert d["stats"].encoded <= 1 + 5 * 9     # bounded work per view whatever the memory bound
 
     cache = VolumeCache(lambda x: x * 2, max_device_entries=2)
     for e in range(5):

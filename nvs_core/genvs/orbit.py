@@ -7,8 +7,8 @@ source views, entry k >= 1 the view generated at step k (a [0, 1] image).
 
 The published script re-encodes every conditioning view at every step. Here each view is encoded
 once into a :class:`VolumeCache`: a bounded number of volumes stays on the compute device, the rest
-move to host memory (optionally as float16) or, with ``offload=False``, are dropped and re-encoded
-when the schedule needs them again. Because the schedule is known in advance, eviction removes the
+move to host memory (optionally as float16, optionally bounded too) or, with ``offload=False``, are
+dropped and re-encoded when the schedule needs them again. Because the schedule is known in advance, eviction removes the
 volume whose next use is farthest away (and forgets volumes never used again).
 """
 from __future__ import annotations
@@ -56,11 +56,13 @@ class VolumeCache:
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_device_entries: int = 8,
                  offload: bool = True, offload_dtype: Optional[torch.dtype] = None,
-                 next_use: Optional[Callable[[int, int], Optional[int]]] = None):
+                 next_use: Optional[Callable[[int, int], Optional[int]]] = None,
+                 max_host_entries: Optional[int] = None):
         if max_device_entries < 1:
             raise ValueError(f"max_device_entries must be >= 1, got {max_device_entries}")
         self.encode_fn, self.capacity = encode, int(max_device_entries)
         self.offload, self.offload_dtype = offload, offload_dtype
+        self.host_capacity = max_host_entries
         self.next_use = next_use or (lambda entry, now: now + 1)
         self.images: Dict[int, torch.Tensor] = {}
         self._device: Optional[torch.device] = None   # where (and in which dtype) the encoder puts volumes
@@ -101,8 +103,15 @@ class VolumeCache:
             if self.offload:
                 self.host[victim] = vol.to("cpu", dtype=self.offload_dtype or vol.dtype)
                 self.stats.offloaded += 1
+                self._evict_host(now)
             else:
                 self.stats.dropped += 1
+
+    def _evict_host(self, now: int) -> None:
+        while self.host_capacity is not None and len(self.host) > self.host_capacity:
+            victim = max(self.host, key=lambda e: (self.next_use(e, now) or float("inf"), e))
+            del self.host[victim]          # re-encoded from its image if needed again
+            self.stats.dropped += 1
 
     def forget(self, now: int) -> None:
         for store in (self.device, self.host):
@@ -129,14 +138,17 @@ def _next_use_table(schedule: Sequence[Sequence[int]]):
 def autoregressive_orbit(model, images01: torch.Tensor, sources, path, steps: int = 250, stochastic: bool = True,
                          cfg: float = 1.0, seed: int = 0, schedule_seed: int = 123, max_cached_volumes: int = 8,
                          offload: bool = True, offload_dtype: Optional[torch.dtype] = None,
-                         published_train_mode: bool = False, memory_mb: Optional[float] = None,
+                         max_offloaded_volumes: Optional[int] = None, published_train_mode: bool = False, memory_mb: Optional[float] = None,
                          progress=None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Generate one view per pose of ``path`` (GeNVSCameras), in order, each conditioned on the sources
     and earlier generated views by the published schedule (:func:`ar_schedule`).
 
     For the published circle (``circle_path(source pose)``) pass ``path[1:]``: pose 0 is the source.
     All draws come from one CPU generator seeded ``seed``, in the original's order (render draws, then
-    the sampler's). Returns ``images`` (Q, 3, S, S) in [0, 1], ``features``/``depth``/``opacity`` of
+    the sampler's). Memory: at most ``max_cached_volumes`` volumes on the device and
+    ``max_offloaded_volumes`` (None: unbounded; a full-size volume is 64 MB, 32 MB as float16) in host
+    memory; volumes beyond both are re-encoded when the schedule needs them again, so a bound trades
+    memory for at most 4 extra encodes per view, never a different result. Returns ``images`` (Q, 3, S, S) in [0, 1], ``features``/``depth``/``opacity`` of
     each step's render, the ``schedule`` and the cache ``stats``.
     """
     from .nerf import DEFAULT_RENDER_MEMORY_MB, SourceViews
@@ -152,7 +164,7 @@ def autoregressive_orbit(model, images01: torch.Tensor, sources, path, steps: in
     device = next(model.parameters()).device
     size = model.config.image_size
     cache = VolumeCache(lambda imgs: model.encode(fit_images(imgs.to(device), size)), max_cached_volumes, offload,
-                        offload_dtype, _next_use_table(schedule))
+                        offload_dtype, _next_use_table(schedule), max_offloaded_volumes)
     cache.add(0, images01)
     poses = {0: sources.poses.to(device)}
     noise = BatchNoise(seed)

@@ -7,6 +7,10 @@ inside functions. Every version-sensitive call of this adapter is in this module
   labels from ``cond_or_uncond`` (0 = cond, 1 = uncond), timesteps = ``model_sampling.timestep(sigmas)``
   (what the UNet itself receives); the provider's contexts replace ``context`` (keys) and ``value``.
 - (b) ``middle_patch``: ComfyUI calls it right after the attn1 residual, before norm2/attn2.
+- (f) a ``DIFFUSION_MODEL`` wrapper for a UNet-call wrapper patch: ComfyUI's rows (already c_in-scaled, with
+  the discrete timesteps and ``cond_or_uncond`` labels) go to the method, which builds its own batch and runs the
+  wrapped diffusion model on it as one chunk; stock samplers and direct calls both go through it. A wrapper
+  with ``reseed`` gets the sampler's seed from an ``OUTER_SAMPLE`` wrapper.
 - An ``OUTER_SAMPLE`` wrapper runs ``provider.check_batch(latent batch size)`` (if the provider has it) and
   ``provider.prepare(timesteps of the run's sigmas)`` before sampling and ``release()`` after it, so contexts
   are precomputed for the schedule and freed when it ends.
@@ -95,6 +99,30 @@ class ComfyPatch:
                       progress=host.progress_factory()):
             return executor(*args, **kwargs)
 
+    def reseed_outer_sample(self, executor, *args, **kwargs):
+        """``OUTER_SAMPLE`` wrapper: a UNet-call wrapper's own random draws follow the sampler's seed."""
+        seed = kwargs["seed"] if "seed" in kwargs else (args[7] if len(args) > 7 else None)
+        if seed is not None:
+            self.patches.unet_wrapper.reseed(seed)
+        return executor(*args, **kwargs)
+
+    def diffusion_model(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None,
+                        **kwargs):
+        """``DIFFUSION_MODEL`` wrapper for a UNet-call wrapper patch: the method rebuilds the batch around the
+        rows ComfyUI passes (labelled by ``cond_or_uncond``) and runs the UNet on it as one chunk."""
+        options = transformer_options if transformer_options is not None else {}
+        if control is not None or y is not None:
+            raise ValueError("this patched model rebuilds the UNet batch itself: ControlNets and class-label (y) "
+                             "conditioning are not supported with it")
+
+        def run(latents, steps, batch_context):
+            inner = dict(options)
+            inner["cond_or_uncond"] = [0]
+            return executor(latents.to(x), steps.to(device=x.device, dtype=timesteps.dtype),
+                            batch_context.to(context), None, None, inner, **kwargs)
+
+        return self.patches.unet_wrapper(x, timesteps, context, _chunks(options), run)
+
 
 def patch_model(model, patches: UNetPatches, differentiable: bool = False):
     """A clone of a ComfyUI MODEL with the patches installed; the input MODEL is not changed."""
@@ -107,6 +135,12 @@ def patch_model(model, patches: UNetPatches, differentiable: bool = False):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, state.outer_sample)
     if patches.after_self_attention is not None:
         patched.set_model_patch(state.middle_patch, "middle_patch")
+    if patches.unet_wrapper is not None:
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
+                                     state.diffusion_model)
+        if hasattr(patches.unet_wrapper, "reseed"):
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY + ".reseed",
+                                         state.reseed_outer_sample)
     if differentiable:
         for name, _ in patched.model.diffusion_model.named_parameters():
             # forces ComfyUI's cast to copy each weight: inference-mode weights cannot be saved for backward
@@ -226,7 +260,7 @@ class ComfySDBackend(SDBackend):
 
     # ---- (a) (b): patched MODEL for ComfyUI's samplers, or direct calls
     def patched_model(self, patches: UNetPatches):
-        key = (id(patches.contexts), id(patches.after_self_attention))
+        key = (id(patches.contexts), id(patches.after_self_attention), id(patches.unet_wrapper))
         if key not in self._patched:
             self._patched[key] = (patches, patch_model(self.model, patches, self.differentiable))
         return self._patched[key][1]

@@ -293,8 +293,9 @@ def load_srn(instance_dir: PathLike, views: Optional[Sequence[str]] = None, intr
     ``views``: image names in the order wanted (with or without extension; repeats allowed, as the
     GeNVS loader produces); default all images, sorted. ``intrinsics="first"`` reproduces the published
     GeNVS loader, which reads the first listed view's K and uses it for every view; ``"per_view"``
-    reads each view's own file. ``k_image_size`` (W, H) is the image size K refers to; by default it is
-    taken as twice the principal point (SRN's 512-px K for 128-px images). ``background=None`` drops
+    reads each view's own file. ``k_image_size`` (W, H) is the image size K refers to; by default
+    512 x 512 for per-view K files (the published loader divides them by 8 for its 64-px render) and the
+    size on the fourth line of ``intrinsics.txt`` (else twice its principal point). ``background=None`` drops
     alpha as the published loader does; otherwise alpha is composited on that colour.
     """
     root = Path(instance_dir)
@@ -331,9 +332,9 @@ def load_srn(instance_dir: PathLike, views: Optional[Sequence[str]] = None, intr
     Ks = [_srn_K(root, f.stem) for f in (files[:1] * len(files) if intrinsics == "first" else files)]
     flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
     cams = []
-    for f, K in zip(files, Ks):
+    for f, (K, k_size) in zip(files, Ks):
         pose = _read_numbers(root / "pose" / f"{f.stem}.txt", 16).reshape(4, 4)
-        kw, kh = k_image_size if k_image_size is not None else (round(2 * float(K[0, 2])), round(2 * float(K[1, 2])))
+        kw, kh = k_image_size if k_image_size is not None else k_size
         try:
             # OpenCV camera in a Z-up world = OpenGL camera axes (y, z flipped) in a Blender-style world
             cams.append(Cameras.from_c2w(pose @ flip, K, int(kw), int(kh), convention="blender"))
@@ -353,14 +354,18 @@ def _read_numbers(path: Path, count: int) -> torch.Tensor:
     return torch.tensor(values[:count], dtype=torch.float64)
 
 
-def _srn_K(root: Path, stem: str) -> torch.Tensor:
+def _srn_K(root: Path, stem: str):
+    """(K, (W, H) it refers to) of one SRN view."""
     per_view = root / "intrinsics" / f"{stem}.txt"
     if per_view.is_file():
-        return _read_numbers(per_view, 9).reshape(3, 3)
+        return _read_numbers(per_view, 9).reshape(3, 3), (512, 512)
     shared = root / "intrinsics.txt"
-    if shared.is_file():  # original SRN: "f cx cy 0" on the first line
-        f, cx, cy = _read_numbers(shared, 3).tolist()
-        return torch.tensor([[f, 0, cx], [0, f, cy], [0, 0, 1]], dtype=torch.float64)
+    if shared.is_file():  # original SRN: "f cx cy 0" / "0 0 0" / "1" / "H W"
+        _read_numbers(shared, 3)                           # validates (all numbers, at least three)
+        values = [float(x) for x in shared.read_text().split()]
+        f, cx, cy = values[:3]
+        size = (int(values[9]), int(values[8])) if len(values) >= 10 else (round(2 * cx), round(2 * cy))
+        return torch.tensor([[f, 0, cx], [0, f, cy], [0, 0, 1]], dtype=torch.float64), size
     raise FileNotFoundError(f"{root}: no intrinsics/{stem}.txt and no intrinsics.txt")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional
@@ -33,6 +34,28 @@ def _tensors(path: Path) -> Dict[str, torch.Tensor]:
 
 def _prefixed(t: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+
+
+@functools.lru_cache(maxsize=None)
+def _seeds(method_dir: Path) -> dict:
+    spec = json.loads((method_dir / "cases.json").read_text())
+    return spec.get("seeds", {}) if isinstance(spec, dict) else {}
+
+
+def _seed(case: dict, method_dir: Path, key: str) -> Optional[int]:
+    """A recorded torch seed of this case (cases.json -> seeds -> <case letter>), if any."""
+    entry = _seeds(method_dir).get(case["name"].split("_")[0], {})
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if isinstance(value, str):  # e.g. "torch.manual_seed(5103) immediately before each call"
+        match = re.search(r"manual_seed\((\d+)\)", value)
+        value = int(match.group(1)) if match else None
+    return value if isinstance(value, int) else None
+
+
+def _side_file(case: dict, method_dir: Path, suffix: str) -> Path:
+    files = [f for f in case.get("files", []) if f.endswith(suffix)]
+    assert len(files) == 1, f"{case['name']}: expected one file ending {suffix} in {case.get('files')}"
+    return method_dir / files[0]
 
 
 def _tolerance(case: dict, output: str):
@@ -76,16 +99,16 @@ def decoder_case(case: dict, method_dir: Path) -> None:
 # --------------------------------------------------------------------------- a2: input_unet
 
 @functools.lru_cache(maxsize=None)
-def _case_e_model(method_dir: Path):
-    """The case e network, built by the users' loader from the expected (de-duplicated) state dict."""
-    t = _tensors(method_dir / "case_e_checkpoint_expected.safetensors")
-    return genvs_from_state_dict(_prefixed(t, "expected.state_dict."), source="case_e_checkpoint_expected")
+def _model_with_input_unet(path: Path, prefix: str):
+    """A GeNVS network built by the users' loader (config inferred from shapes) from a file that holds a
+    full expected state dict; ``prefix`` names the input_unet part of it."""
+    assert prefix.endswith("input_unet.")
+    return genvs_from_state_dict(_prefixed(_tensors(path), prefix[:-len("input_unet.")]), source=path.name)
 
 
 def input_unet_case(case: dict, method_dir: Path) -> None:
     t = _tensors(method_dir / case["file"])
-    assert case["weights"]["prefix"] == "expected.state_dict.input_unet."
-    model = _case_e_model(method_dir)
+    model = _model_with_input_unet(method_dir / case["weights"]["file"], case["weights"]["prefix"])
     assert model.config.decoder.channels == case["constructor_kwargs"]["decoder_channels"]
     assert list(model.config.decoder.atrous_rates) == case["constructor_kwargs"]["decoder_atrous_rates"]
     images = t["input.images"]
@@ -97,7 +120,7 @@ def input_unet_case(case: dict, method_dir: Path) -> None:
         volume = model.encode(targets01)
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    got = {"output.targets01": targets01, "output.img_tp": ((targets01 - mean) / std).reshape(B * V, 3, 64, 64),
+    got = {"output.targets01": targets01, "output.img_tp": ((targets01 - mean) / std).reshape(B * V, *images.shape[2:]),
            "output.unet_input": unet_input, "output.volume": volume}
     got.update({f"output.encoder_features.{i}": f for i, f in enumerate(features)})
     for output in case["outputs"]:
@@ -115,28 +138,30 @@ def nerf_render_case(case: dict, method_dir: Path) -> None:
     field.train(False)
     src = SourceViews(t["input.volume"], t["input.src_poses"], t["input.camera_k"])
     tgt, intrinsics = t["input.tgt_poses"], t["input.intrinsics"]
-    B, Q = tgt.shape[:2]
+    B, Q, N = t["input.draw.jitter_rand"].shape[:3]
+    H = W = int(round(N ** 0.5))
 
-    # The seed alone reproduces the recorded draws (same order as the original renderer).
-    seeded = RenderDraws.draw(B, Q, 4096, random_importance=True, generator=torch.Generator().manual_seed(5103))
-    assert torch.equal(seeded.jitter, t["input.draw.jitter_rand"])
-    assert torch.equal(seeded.pdf_u, t["input.draw_train.pdf_u_rand"])
+    seed = _seed(case, method_dir, "renderer_draws")
+    if seed is not None:  # the seed alone reproduces the recorded draws (same order as the original renderer)
+        seeded = RenderDraws.draw(B, Q, N, random_importance=True, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(seeded.jitter, t["input.draw.jitter_rand"])
+        assert torch.equal(seeded.pdf_u, t["input.draw_train.pdf_u_rand"])
 
     got = {}
     with torch.no_grad():
         draws = RenderDraws(t["input.draw.jitter_rand"])
         # a small memory budget forces many chunks: chunking must not change anything
-        f, d, o = render_views(field, tgt, intrinsics, src, 64, 64, draws, memory_mb=4)
+        f, d, o = render_views(field, tgt, intrinsics, src, H, W, draws, memory_mb=4)
         got.update({"output.features": f, "output.depth": d, "output.opacity": o,
                     "output.cond_upsampled": upsample_condition(f)})
         train = RenderDraws(t["input.draw.jitter_rand"], t["input.draw_train.pdf_u_rand"])
-        f, d, o = render_views(field, tgt, intrinsics, src, 64, 64, train)
+        f, d, o = render_views(field, tgt, intrinsics, src, H, W, train)
         got.update({"output.train.features": f, "output.train.depth": d, "output.train.opacity": o})
         got["output.probe_cam_coords"] = field.cam_coords(t["input.probe_points"], src)
-        rays_o, rays_d = get_rays(tgt.reshape(B * Q, 4, 4), intrinsics, 64, 64)
+        rays_o, rays_d = get_rays(tgt.reshape(B * Q, 4, 4), intrinsics, H, W)
         near, far = near_far_from_bound(rays_o, rays_d, kw["bound"], kw["min_near"])
-        got.update({"output.rays_o": rays_o.reshape(B, Q, 4096, 3), "output.rays_d": rays_d.reshape(B, Q, 4096, 3),
-                    "output.near": near.reshape(B, Q, 4096), "output.far": far.reshape(B, Q, 4096)})
+        got.update({"output.rays_o": rays_o.reshape(B, Q, N, 3), "output.rays_d": rays_d.reshape(B, Q, N, 3),
+                    "output.near": near.reshape(B, Q, N), "output.far": far.reshape(B, Q, N)})
         idx = t["output.diag.pixel_index"]
         n = len(idx)
         pick = lambda x: x[:, :, idx].reshape(B, Q * n, *x.shape[3:])  # noqa: E731
@@ -150,8 +175,7 @@ def nerf_render_case(case: dict, method_dir: Path) -> None:
             continue
         _assert_close(case, output, got[output], t[output])
     # Rays that miss the cube render the white background: features 1, depth 0, opacity 0.
-    miss = (t["output.near"] >= 1e9).reshape(B, Q, 64, 64)
-    assert miss.any()
+    miss = (t["output.near"] >= 1e9).reshape(B, Q, H, W)
     assert torch.all(got["output.opacity"][:, :, 0][miss] == 0)
     assert torch.all(got["output.features"].permute(0, 1, 3, 4, 2)[miss] == 1)
 
@@ -205,18 +229,21 @@ def sampler_case(case: dict, method_dir: Path) -> None:
     n = t["output.sigma_hat"].shape[0]
     smin, smax = section["sigma_min"], section["sigma_max"]
     got = {"output.sigmas": genvs_sampler.karras_sigmas(n, smin, smax)}
+    seed = _seed(case, method_dir, "torch_manual_seed")
     for stochastic, prefix in ((True, "output."), (False, "output.det.")):
         record = []
-        for noise in (genvs_sampler.ReplayNoise(t["input.x_noise"], t["input.step_noise"]),
-                      genvs_sampler.BatchNoise(5107)):  # the seed alone reproduces the draws
+        sources = [genvs_sampler.ReplayNoise(t["input.x_noise"], t["input.step_noise"])]
+        if seed is not None:  # the seed alone reproduces the draws
+            sources.append(genvs_sampler.BatchNoise(seed))
+        for noise in sources:
             calls = []
             with torch.no_grad():
                 x_final = genvs_sampler.sample(den, cond, steps=n, stochastic=stochastic, sigma_min=smin, sigma_max=smax,
                                                noise=noise, callback=calls.append, progress=silent_progress,
                                                return_unclipped=True)
             record.append((x_final, calls))
-        (x_final, calls), (x_seeded, _) = record
-        assert torch.equal(x_final, x_seeded), "seeded draws differ from the recorded ones"
+        x_final, calls = record[0]
+        assert all(torch.equal(x_final, other) for other, _ in record[1:]), "seeded draws differ from the recorded ones"
         got[prefix + "x_final"] = x_final
         got[prefix + "sample"] = x_final.clip(-1, 1)
         got[prefix + "sigma_hat"] = torch.stack([c["sigma_hat"] for c in calls])
@@ -237,12 +264,14 @@ def _pipeline_outputs(model, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
         unet_input = preprocess(targets01.reshape(-1, *images.shape[2:]))
         volume = model.encode(targets01)
         src = SourceViews(volume, t["input.src_pose"], t["input.camera_k"])
-        features, depth, opacity = model.render(src, t["input.tgt_pose"], t["input.intrinsics"], size=8,
+        size = int(round(t["input.render.jitter_rand"].shape[2] ** 0.5))
+        features, depth, opacity = model.render(src, t["input.tgt_pose"], t["input.intrinsics"], size=size,
                                                 draws=RenderDraws(t["input.render.jitter_rand"]))
         cond = model.condition(features)
         denoised = model.ddpm_pipeline(t["input.x_sigma"], t["input.sigma"], unet_cond=cond)
         calls = []
-        sample = genvs_sampler.sample(model.ddpm_pipeline, cond, steps=4, stochastic=True,
+        steps = t["input.sample.step_noise"].shape[0]
+        sample = genvs_sampler.sample(model.ddpm_pipeline, cond, steps=steps, stochastic=True,
                                       sigma_min=model.config.denoiser.sigma_min,
                                       sigma_max=model.config.denoiser.sigma_max,
                                       noise=genvs_sampler.ReplayNoise(t["input.sample.x_noise"],
@@ -256,8 +285,8 @@ def _pipeline_outputs(model, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
 
 
 def checkpoint_case(case: dict, method_dir: Path) -> None:
-    structure = json.loads((method_dir / "case_e_expected_structure.json").read_text())
-    t = _tensors(method_dir / "case_e_checkpoint_expected.safetensors")
+    structure = json.loads(_side_file(case, method_dir, ".json").read_text())
+    t = _tensors(_side_file(case, method_dir, ".safetensors"))
     expected = _prefixed(t, "expected.state_dict.")
     ckpt = load_genvs_checkpoint(method_dir / case["file"])
     assert list(ckpt.state_dict) == structure["canonical_key_order"]
@@ -265,7 +294,9 @@ def checkpoint_case(case: dict, method_dir: Path) -> None:
     for key, tensor in ckpt.state_dict.items():
         _assert_close(case, "expected.state_dict." + key, tensor, expected[key])
     assert ckpt.extras["step"] == structure["step"] and ckpt.extras["epoch"] == structure["epoch"]
-    assert ckpt.config.resolution_z == 4 and ckpt.config.nerf.hidden_dim == 64
+    tiny = case["constructor_kwargs"]
+    assert ckpt.config.resolution_z == tiny["nerf"]["resolution_z"]
+    assert ckpt.config.nerf.hidden_dim == tiny["nerf"]["hidden_dim"]
 
     model = load_genvs(method_dir / case["file"])
     got = _pipeline_outputs(model, t)
@@ -341,26 +372,39 @@ def ar_schedule_case(case: dict, method_dir: Path) -> None:
     t = _tensors(method_dir / case["file"])
     src = t["input.source_poses"]
     n_src = src.shape[1]
-    circle = genvs_cameras.circle_path(src[0, 0], n_poses=200)
+    circle = genvs_cameras.circle_path(src[0, 0], n_poses=t["output.circle_poses"].shape[0])
     schedule = genvs_orbit.ar_schedule(len(circle) - 1)
-    index = torch.full((len(schedule), 6), -1, dtype=torch.int64)
+    index = torch.full((len(schedule), t["output.ar_conditioning_index"].shape[1]), -1, dtype=torch.int64)
     for q, entries in enumerate(schedule):
         index[q, :len(entries)] = torch.tensor(entries)
     got = {"output.circle_poses": circle, "output.ar_conditioning_index": index,
            "output.ar_num_source_views_seen": torch.tensor(genvs_orbit.views_seen(schedule, n_src)),
-           "output.spherical_path": genvs_cameras.spherical_path(t["input.camera_d"][0], n_poses=40)}
+           "output.spherical_path": genvs_cameras.spherical_path(t["input.camera_d"][0],
+                                                                   n_poses=t["output.spherical_path"].shape[0])}
     for output in case["outputs"]:
         _assert_close(case, output, got[output], t[output])
 
 
+def module_forward(case: dict, method_dir: Path) -> None:
+    module = case.get("module", "")
+    for prefix, handler in (("dlv3.decoder", decoder_case), ("dlv3.model", input_unet_case),
+                            ("nerf.", nerf_render_case), ("k_pipeline", denoiser_case)):
+        if module.startswith(prefix):
+            return handler(case, method_dir)
+    raise AssertionError(f"{case['name']}: no GeNVS handler for module {module!r}")
+
+
+def function_case(case: dict, method_dir: Path) -> None:
+    function = case.get("function", "")
+    for prefix, handler in (("NERFdataset_k", srn_cameras_case), ("sample_ar", ar_schedule_case)):
+        if function.startswith(prefix):
+            return handler(case, method_dir)
+    raise AssertionError(f"{case['name']}: no GeNVS handler for function {function!r}")
+
+
 HANDLERS = {
-    "name:g_ar_schedule": ar_schedule_case,
-    "name:f_srn_cameras": srn_cameras_case,
-    "checkpoint_load": checkpoint_case,
+    "module_forward": module_forward,
+    "function": function_case,
     "sampler": sampler_case,
-    "name:c_image_v1_denoiser": denoiser_case,
-    "name:c2_image_v1_multihead": denoiser_case,
-    "name:b_nerf_render": nerf_render_case,
-    "name:a2_input_unet": input_unet_case,
-    "name:a1_dlv3_decoder": decoder_case,
+    "checkpoint_load": checkpoint_case,
 }

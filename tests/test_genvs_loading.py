@@ -106,6 +106,12 @@ def test_converted_format_and_wrong_method(model, tmp_path):
     save_with_config(other, {"w": torch.zeros(1)}, {"method": "vivid", "constructor": {"a": 1}})
     with pytest.raises(CheckpointError, match="expected a converted GeNVS checkpoint"):
         load_genvs(other)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "sd_unet.safetensors"          # e.g. a Stable Diffusion file in the GeNVS folder
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match=r"sd_unet\.safetensors: expected a converted GeNVS checkpoint"):
+        load_genvs(plain)
 
 
 def test_infer_config_matches_the_built_model(model):

@@ -171,7 +171,11 @@ def load_genvs_checkpoint(path: PathLike, noise: Optional[str] = None) -> GeNVSC
     if fmt in ("torch_zip", "torch_legacy"):
         return read_genvs_pt(path, noise or "mid")
     if fmt == "safetensors":
-        sd, cfg = load_with_config(path)
+        try:
+            sd, cfg = load_with_config(path)
+        except CheckpointError as e:
+            raise CheckpointError(path, f"expected a converted GeNVS checkpoint (safetensors + GeNVS config): "
+                                        f"{str(e).split(': ', 1)[-1]}") from None
         if cfg.get("method") != METHOD or not isinstance(cfg.get("constructor"), dict):
             raise CheckpointError(path, f"expected a converted GeNVS checkpoint (method {METHOD!r} with its "
                                         f"config), got method {cfg.get('method')!r}")

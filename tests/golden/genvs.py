@@ -257,7 +257,7 @@ def sampler_case(case: dict, method_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- e: genvs.pt loading
 
-def _pipeline_outputs(model, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _pipeline_outputs(model, t: Dict[str, torch.Tensor], sigmas: dict) -> Dict[str, torch.Tensor]:
     images = t["input.images"]
     targets01 = 0.5 * (images + 1)
     with torch.no_grad():
@@ -272,8 +272,8 @@ def _pipeline_outputs(model, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
         calls = []
         steps = t["input.sample.step_noise"].shape[0]
         sample = genvs_sampler.sample(model.ddpm_pipeline, cond, steps=steps, stochastic=True,
-                                      sigma_min=model.config.denoiser.sigma_min,
-                                      sigma_max=model.config.denoiser.sigma_max,
+                                      sigma_min=sigmas.get("sigma_min", model.config.denoiser.sigma_min),
+                                      sigma_max=sigmas.get("sigma_max", model.config.denoiser.sigma_max),
                                       noise=genvs_sampler.ReplayNoise(t["input.sample.x_noise"],
                                                                       t["input.sample.step_noise"]),
                                       callback=calls.append, progress=silent_progress)
@@ -299,7 +299,8 @@ def checkpoint_case(case: dict, method_dir: Path) -> None:
     assert ckpt.config.nerf.hidden_dim == tiny["nerf"]["hidden_dim"]
 
     model = load_genvs(method_dir / case["file"])
-    got = _pipeline_outputs(model, t)
+    sigmas = tiny.get("ddpm_pipeline", {})  # the sigma limits are not in the file: the k-diffusion config's
+    got = _pipeline_outputs(model, t, sigmas)
     for output in case["outputs"]:
         if output != "expected.state_dict.*":
             _assert_close(case, output, got[output], t[output])
@@ -313,7 +314,7 @@ def checkpoint_case(case: dict, method_dir: Path) -> None:
         assert back.config.to_dict() == ckpt.config.to_dict()
         assert set(back.state_dict) == set(ckpt.state_dict)  # safetensors sorts its keys
         assert all(torch.equal(back.state_dict[k], v) for k, v in ckpt.state_dict.items())
-        again = _pipeline_outputs(load_genvs(out), t)
+        again = _pipeline_outputs(load_genvs(out), t, sigmas)
         assert all(torch.equal(again[k], got[k]) for k in got)
 
 

@@ -50,7 +50,8 @@ def test_batch_layout_and_uncond_rows():
     assert batch.timesteps.tolist() == [0, 999] + [t[0].item()] * 3 + [t[1].item()] * 3
     assert torch.equal(batch.latents[0], x["reference_latents"][0, 0])
     assert torch.equal(batch.latents[1], drawn[0, 0])  # unconditional reference: fresh N(0,1), unscaled
-    assert torch.equal(batch.latents[2:5], x["query_latents"][0]) and torch.equal(batch.latents[5:], x["query_latents"][1])
+    assert torch.equal(batch.latents[2:5], x["query_latents"][0])
+    assert torch.equal(batch.latents[5:], x["query_latents"][1])
     assert torch.equal(batch.rays[0], x["rays_context"][0, 0]) and not batch.rays[1].any() and not batch.rays[5:].any()
     assert torch.equal(batch.rays[2:5], x["rays_context"][0, 1:])
     assert not batch.image[1].any() and not batch.image[5:].any() and torch.equal(batch.image[2], x["image_context"][0])
@@ -95,7 +96,8 @@ def test_objects_are_independent_and_uncond_ignores_conditioning():
     mixed = _run(uncond=torch.tensor([False, True]), noise=lambda shape: fixed, **x)
     alone = _run(**{k: v[:1] for k, v in x.items()})
     assert torch.allclose(mixed[0], alone[0], atol=1e-5, rtol=1e-5)
-    other = dict(x, rays_context=torch.randn_like(x["rays_context"]), image_context=torch.randn_like(x["image_context"]),
+    other = dict(x, rays_context=torch.randn_like(x["rays_context"]),
+                 image_context=torch.randn_like(x["image_context"]),
                  reference_latents=torch.randn_like(x["reference_latents"]))
     again = _run(uncond=torch.tensor([False, True]), noise=lambda shape: fixed, **other)
     assert torch.allclose(again[1], mixed[1], atol=1e-5, rtol=1e-5)  # the uncond object saw none of it

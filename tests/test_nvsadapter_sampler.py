@@ -50,7 +50,8 @@ def _toy_eps(net_input, index, uncond):
 def test_progress_per_step_and_interrupt():
     updates = []
     noise = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    euler_cfg(_toy_eps, noise, 3.0, 7, progress=lambda total, desc="": Progress(total, desc, on_update=lambda d, n: updates.append((d, n))))
+    euler_cfg(_toy_eps, noise, 3.0, 7,
+              progress=lambda total, desc="": Progress(total, desc, on_update=lambda d, n: updates.append((d, n))))
     assert updates == [(i, 7) for i in range(1, 8)]
     calls = []
 
@@ -59,7 +60,8 @@ def test_progress_per_step_and_interrupt():
         return len(calls) > 3
 
     with pytest.raises(Interrupted):
-        euler_cfg(_toy_eps, noise, 3.0, 10, progress=lambda total, desc="": Progress(total, desc, should_stop=stop_after_three))
+        euler_cfg(_toy_eps, noise, 3.0, 10,
+                  progress=lambda total, desc="": Progress(total, desc, should_stop=stop_after_three))
 
 
 def test_cfg_uses_the_uncond_half_first():

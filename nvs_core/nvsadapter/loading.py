@@ -28,7 +28,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..checkpoints import (CheckpointError, check_state_dict, load_checkpoint, load_safetensors, load_torch_weights,
+from ..checkpoints import (CheckpointError, check_state_dict, load_safetensors, load_torch_weights,
                            load_with_config, numpy_scalar_safe_globals, safe_torch_load, sniff_format)
 from .config import ADAPTER_KEY_MARKERS, SD21_BASE, NVSAdapterConfig
 from .model import NVSAdapter
@@ -157,7 +157,7 @@ def adapter_state_from_file(path: PathLike, use_ema: bool = True, config: Option
     path = Path(path)
     fmt = sniff_format(path)
     info = {"source": path.name, "source_format": fmt}
-    if fmt == "safetensors" and (path.with_suffix(".json").is_file() or "nvs_config" in load_safetensors(path)[1]):
+    if fmt == "safetensors" and (path.with_suffix(".json").is_file() or "nvs_config" in _metadata(path)):
         state, cfg = load_with_config(path)
         if cfg.get("method") != METHOD:
             raise CheckpointError(path, f"converted for method {cfg.get('method')!r}, expected {METHOD!r}")
@@ -165,27 +165,31 @@ def adapter_state_from_file(path: PathLike, use_ema: bool = True, config: Option
         return state, config or NVSAdapterConfig.from_dict(cfg["constructor"]), info
     if fmt in ("torch_zip", "torch_legacy"):
         full = read_lightning_checkpoint(path)
-        if any(k.startswith(PREFIX) for k in full):
-            state = extract_adapter(full, use_ema, path)
-            info["weights"] = "ema" if use_ema else "raw"
-            context = config.context_dim if config else _frozen_context_dim(full)
-            return state, config or infer_config(state, num_head_channels, context, path), info
     elif fmt == "safetensors":
-        full = load_checkpoint(path)[0]
+        full = load_safetensors(path)[0]
     else:
         raise CheckpointError(path, f"found {fmt}: expected the NVS-Adapter checkpoint (.ckpt) or a converted "
                                     ".safetensors + .json")
     if any(k.startswith(PREFIX) for k in full):
         state = extract_adapter(full, use_ema, path)
+        info["weights"] = "ema" if use_ema else "raw"
     else:
         state = {k: v for k, v in full.items() if is_adapter_key(k)}
         if not state:
             raise CheckpointError(path, "no NVS-Adapter tensors: expected pe_blocks.* and per-block support_emb / "
                                         "*_attn_module tensors")
-    return state, config or infer_config(state, num_head_channels, None, path), info
+    context = config.context_dim if config else frozen_context_dim(full)
+    return state, config or infer_config(state, num_head_channels, context, path), info
+
+def _metadata(path: Path) -> dict:
+    """The safetensors header metadata (no tensor is read; ``sniff_format`` validated the header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
-def _frozen_context_dim(state: Mapping[str, torch.Tensor]) -> Optional[int]:
+def frozen_context_dim(state: Mapping[str, torch.Tensor]) -> Optional[int]:
     value = state.get(PREFIX + "unet.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     return int(value.shape[1]) if isinstance(value, torch.Tensor) else None
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..progress import ProgressFactory, resolve
-from ..sd.interface import SDBackend
+from ..sd.interface import NoiseSchedule, SDBackend
 from .model import NVSAdapter
 from .network import NoiseSource, adapter_eps, build_batch, check_backend
 
@@ -31,8 +31,8 @@ DEFAULT_CFG = 3.0
 
 
 def _alphas_cumprod() -> np.ndarray:
-    betas = torch.linspace(LINEAR_START ** 0.5, LINEAR_END ** 0.5, NUM_TIMESTEPS, dtype=torch.float64) ** 2
-    return np.cumprod(1.0 - betas.numpy(), axis=0)
+    # the SD schedule in float64 (equal bit for bit to the published numpy cumprod)
+    return NoiseSchedule.scaled_linear(LINEAR_START, LINEAR_END, NUM_TIMESTEPS).alphas_cumprod.numpy()
 
 
 def _sigmas_of(alphas_cumprod: np.ndarray) -> torch.Tensor:

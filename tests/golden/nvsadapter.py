@@ -18,7 +18,8 @@ import torch
 from nvs_core.checkpoints import load_safetensors
 from nvs_core.nvsadapter import cameras as nvs_cameras
 from nvs_core.nvsadapter.config import ADAPTER_MODULES, NVSAdapterConfig
-from nvs_core.nvsadapter.loading import (adapter_state_from_file, ema_key, is_adapter_key, load_nvs_adapter)
+from nvs_core.nvsadapter.loading import (ema_key, extract_adapter, frozen_context_dim, infer_config, is_adapter_key,
+                                         load_nvs_adapter, read_lightning_checkpoint)
 from nvs_core.nvsadapter.model import AdapterBlock
 from nvs_core.nvsadapter.network import AdapterHook, adapter_forward, build_batch
 from nvs_core.nvsadapter.sampler import denoiser_sigmas, sample, sampling_schedule
@@ -299,9 +300,10 @@ def checkpoint_case(case: dict, method_dir: Path) -> None:
     config = _adapter_config(_case_named(method_dir, "a_adapter_forward"))
     prefix = "model.diffusion_model."
     for name in CHECKPOINT_VARIANTS:
+        full = read_lightning_checkpoint(method_dir / name)  # weights-only, numpy scalars allow-listed
         for use_ema in (True, False):
-            state, got_config, info = adapter_state_from_file(method_dir / name, use_ema,
-                                                              num_head_channels=config.num_head_channels)
+            state = extract_adapter(full, use_ema, name)
+            got_config = infer_config(state, config.num_head_channels, frozen_context_dim(full), name)
             assert got_config == config, f"{name}: inferred {got_config} != {config}"
             label = "adapter_ema" if use_ema else "adapter_raw"
             want = {k[len(f"expected.{label}.{prefix}"):]: v for k, v in expected.items()
@@ -314,8 +316,11 @@ def checkpoint_case(case: dict, method_dir: Path) -> None:
         ckpt_key = key[len("expected.adapter_raw."):]
         assert ema_key(ckpt_key).startswith("model_ema.diffusion_model")
         assert not torch.equal(value, expected["expected.adapter_ema." + ckpt_key])
-    adapter = load_nvs_adapter(method_dir / CHECKPOINT, config=config)
-    assert all(torch.equal(v, expected[f"expected.adapter_ema.{prefix}{k}"]) for k, v in adapter.state_dict().items())
+    for name in CHECKPOINT_VARIANTS:  # the users' loader, EMA by default, config inferred
+        adapter = load_nvs_adapter(method_dir / name, num_head_channels=config.num_head_channels)
+        assert adapter.config == config
+        assert all(torch.equal(v, expected[f"expected.adapter_ema.{prefix}{k}"])
+                   for k, v in adapter.state_dict().items())
 
 
 HANDLERS = {

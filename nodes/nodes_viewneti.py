@@ -254,10 +254,8 @@ class NVSViewNeTIApply:
         if context_dim is not None and context_dim != width:
             raise ValueError(f"clip: {width}-wide tokens, but the MODEL's cross-attention takes {context_dim}; use "
                              "the CLIP of the same checkpoint")
-        template = prompting.PromptTemplate.parse(prompt_template)
-        prompting.check_template_fields(template, view_mapper.view is not None, bool(view_mapper.objects))
-        if template.has("object"):
-            prompting.pick_object_token(view_mapper, object_token)
+        planned = prompting.plan_template(view_mapper, prompt_template, object_token)
+        template = planned[0]
         views = None
         if template.has("view"):
             views = prompting.view_rows(view_mapper, cameras, dtu_cameras, prompting.calibration_of(view_mapper),
@@ -266,7 +264,8 @@ class NVSViewNeTIApply:
             backend = sd_comfy.ComfySDBackend(model, clip, text_dtype=sd_comfy.text_dtype_for(clip))
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from None
-        prompt = prompting.build_prompt(view_mapper, prompt_template, backend.tokenize, vocab, views, object_token)
+        prompt = prompting.build_prompt(view_mapper, prompt_template, backend.tokenize, vocab, views,
+                                        planned=planned)
         provider = prompting.contexts_for_prompt(backend, view_mapper, prompt,
                                                  max_cache_bytes=int(context_cache_mb) * 2 ** 20,
                                                  cache_dtype=backend.text_dtype,

@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import load_pack
 from tests.paths import GOLDEN_DIR
+from tests.test_viewneti_prompting import _model as random_model
 from tests.test_viewneti_prompting import word_tokenize
 
 pack = load_pack()
@@ -129,21 +130,8 @@ class FakeSampling:
         return (torch.as_tensor(sigma) * 100).round()
 
 
-def _model(calibration, word_dim=32, with_object=True, seed=0):
-    """A ViewNetiModel of small random DTU mappers (pack classes), with the calibration attached."""
-    g = torch.Generator().manual_seed(seed)
-
-    def mapper(view_dims):
-        m = ViewNetiMapper([0.03, 2.0] + [0.5] * view_dims, word_dim=word_dim, hidden_dim=16, fourier_dim=16,
-                           target_norm=0.4, bypass_alpha=5.0)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        return m.train(False)
-
-    model = ViewNetiModel(mapper(12), {"<object>": mapper(0)} if with_object else {}, {},
-                          calibration.camera_range())
-    return P.attach_calibration(model, calibration)
+def _model(calibration, **kwargs):
+    return random_model(calibration, classes=(ViewNetiMapper, ViewNetiModel, P), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -109,20 +109,22 @@ def calibration():
     return DTUCalibration.from_folder(GOLDEN / "cal18_synthetic")
 
 
-def _model(calibration, word_dim=32, with_object=True, seed=0):
+def _model(calibration, word_dim=32, with_object=True, seed=0, classes=None):
+    """A ViewNetiModel of small random DTU mappers with the calibration attached. ``classes``: the
+    (ViewNetiMapper, ViewNetiModel, prompting module) to build with (the pack's own, in node tests)."""
+    mapper_cls, model_cls, prompting = classes or (ViewNetiMapper, ViewNetiModel, P)
     g = torch.Generator().manual_seed(seed)
 
     def mapper(view_dims):
-        m = ViewNetiMapper([0.03, 2.0] + [0.5] * view_dims, word_dim=word_dim, hidden_dim=16, fourier_dim=16,
-                           target_norm=0.4, bypass_alpha=5.0)
+        m = mapper_cls([0.03, 2.0] + [0.5] * view_dims, word_dim=word_dim, hidden_dim=16, fourier_dim=16,
+                       target_norm=0.4, bypass_alpha=5.0)
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         return m.train(False)
 
-    model = ViewNetiModel(mapper(12), {"<object>": mapper(0)} if with_object else {}, {},
-                          calibration.camera_range())
-    return P.attach_calibration(model, calibration)
+    model = model_cls(mapper(12), {"<object>": mapper(0)} if with_object else {}, {}, calibration.camera_range())
+    return prompting.attach_calibration(model, calibration)
 
 
 def test_orbit_frame_puts_the_front_view_in_the_middle_of_the_rig(calibration):

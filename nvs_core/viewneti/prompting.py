@@ -337,7 +337,8 @@ class ViewNetiPrompt:
             lines.append(f"object mapper: {self.object_token}")
         if self.views is not None:
             shown = ", ".join(self.views.labels[:4]) + (" ..." if len(self.views) > 4 else "")
-            lines.append(f"{len(self.views)} views ({shown}); latent batch must be {len(self.views)}")
+            count = len(self.views)
+            lines.append(f"{count} view{'s' if count != 1 else ''} ({shown}); latent batch must be {count}")
             lines.append(f"first view token: {self.views.tokens[0]}")
         return "\n".join(lines)
 
@@ -356,15 +357,23 @@ def pick_object_token(model: ViewNetiModel, object_token: str = "", name: str = 
     return wanted
 
 
-def build_prompt(model: ViewNetiModel, template_text: str, tokenize: Tokenize, vocab_size: int,
-                 views: Optional[ViewRows], object_token: str = "") -> ViewNetiPrompt:
+def plan_template(model: ViewNetiModel, template_text: str, object_token: str = "") -> Tuple[PromptTemplate,
+                                                                                           Optional[str]]:
+    """The parsed template, checked against the model's mappers, and the object token filling {object}."""
     template = PromptTemplate.parse(template_text)
     check_template_fields(template, model.view is not None, bool(model.objects))
-    if model.view is not None and views is None:
+    return template, (pick_object_token(model, object_token) if template.has("object") else None)
+
+
+def build_prompt(model: ViewNetiModel, template_text: str, tokenize: Tokenize, vocab_size: int,
+                 views: Optional[ViewRows], object_token: str = "",
+                 planned: Optional[Tuple[PromptTemplate, Optional[str]]] = None) -> ViewNetiPrompt:
+    """The prompt for ``views`` (see :func:`plan_template`; ``planned`` is its result, if already made)."""
+    template, chosen = planned or plan_template(model, template_text, object_token)
+    if template.has("view") and views is None:
         raise ValueError("the view mapper needs the views to render (cameras or DTU camera indices)")
-    chosen = pick_object_token(model, object_token) if template.has("object") else None
     return ViewNetiPrompt(template, tokenize_template(template, tokenize, vocab_size),
-                          views if model.view is not None else None, chosen)
+                          views if template.has("view") else None, chosen)
 
 
 def check_word_width(model: ViewNetiModel, text_width: int, name: str = "view_mapper") -> None:

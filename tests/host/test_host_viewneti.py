@@ -48,13 +48,15 @@ def viewneti_files(comfy):
     return folder
 
 
-def _prompt(**apply_inputs):
-    prompt = ui_to_api(WORKFLOW, load_pack().NODE_CLASS_MAPPINGS)
+def _prompt(workflow=WORKFLOW, views=VIEWS, **apply_inputs):
+    prompt = ui_to_api(workflow, load_pack().NODE_CLASS_MAPPINGS)
     nodes = {node["class_type"]: node["inputs"] for node in prompt.values()}
     nodes["CheckpointLoaderSimple"]["ckpt_name"] = CHECKPOINT
-    nodes["NVSViewNeTILoader"].update(view_mapper=VIEW_FILE, object_mapper=OBJECT_FILE)
-    nodes["NVSOrbitCameras"]["count"] = VIEWS
-    nodes["EmptyLatentImage"].update(width=64, height=64, batch_size=VIEWS)
+    nodes["NVSViewNeTILoader"]["view_mapper"] = VIEW_FILE
+    if "NVSOrbitCameras" in nodes:
+        nodes["NVSOrbitCameras"]["count"] = views
+        nodes["NVSViewNeTILoader"]["object_mapper"] = OBJECT_FILE
+    nodes["EmptyLatentImage"].update(width=64, height=64, batch_size=views)
     nodes["KSampler"].update(steps=2, seed=1)
     nodes["NVSViewNeTIApply"].update(apply_inputs)
     return prompt
@@ -97,6 +99,16 @@ def test_novel_view_workflow_runs_on_full_size_sd21v(comfy, viewneti_files):
     if times.get("execution_start") and times.get("execution_success"):
         print(f"novel-view workflow, {VIEWS} views, 2 steps, 64x64, full-size SD 2.1 on CPU: "
               f"{(times['execution_success'] - times['execution_start']) / 1000:.1f} s")
+
+
+def test_view_control_workflow_runs(comfy, viewneti_files):
+    """A free prompt behind the view token, a DTU camera by index, no object mapper."""
+    prompt = _prompt(ROOT / "workflows" / "viewneti_view_control_prompt.json", views=1, dtu_cameras="25")
+    entry = comfy.run(prompt, timeout=1200)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert len(entry["outputs"][_node_id(prompt, "SaveImage")]["images"]) == 1
+    apply_text = entry["outputs"][_node_id(prompt, "NVSViewNeTIApply")]["text"][0]
+    assert "'{view}. A photo of a red car'" in apply_text and "1 view (DTU camera 25)" in apply_text
 
 
 def test_bad_inputs_reach_the_user(comfy, viewneti_files):

@@ -26,10 +26,6 @@ class GeNVS(nn.Module):
                               n.bound, n.min_near)
         self.ddpm_pipeline = build_denoiser(cfg.denoiser)
 
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.ddpm_pipeline
-
     # ---------------------------------------------------------------- stages
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
         """Source images (..., 3, H, W) in [0, 1] -> volumes (..., C*D, H, W) (same leading dims)."""

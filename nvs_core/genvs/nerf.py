@@ -121,9 +121,8 @@ class NeRFField(nn.Module):
 
     def floats_per_sample_view(self) -> int:
         """Working floats per (sample, source view) in one field evaluation, for chunk sizing."""
-        hidden = self.sigma_color_net.net[0].dense.out_features if len(self.sigma_color_net.net) > 1 else 0
-        rank = self.sigma_color_net.net[0].dense.in_features if len(self.sigma_color_net.net) > 1 else \
-            self.sigma_color_net.net[0].in_features
+        linears = [m for m in self.sigma_color_net.modules() if isinstance(m, nn.Linear)]
+        rank, hidden = linears[0].in_features, max(m.out_features for m in linears[:-1]) if len(linears) > 1 else 0
         return 6 + 2 * rank + 2 * hidden + 2 * (1 + self.color_feat_dim)
 
 

@@ -85,30 +85,38 @@ def inside_unit_cube(u: torch.Tensor) -> torch.Tensor:
     return ((u >= 0) & (u <= 1)).all(dim=-1)
 
 
+_CORNER_BITS = {}
+
+
+def _corner_bits(dim: int, device) -> torch.Tensor:
+    key = (dim, str(device))
+    if key not in _CORNER_BITS:
+        c = torch.arange(1 << dim)
+        _CORNER_BITS[key] = torch.stack([(c >> d) & 1 for d in range(dim)], dim=-1).bool().to(device)
+    return _CORNER_BITS[key]
+
+
 def corners(u: torch.Tensor, level: GridLevel) -> Tuple[torch.Tensor, torch.Tensor]:
     """Local rows [N, 8] and trilinear weights [N, 8] of one level, for points ``u`` in the unit cube.
 
     Corner c has bit d set for the upper neighbour along axis d; weights are the float32 product
     over d = 0, 1, 2 in that order, as the kernel computes them.
     """
+    dim = u.shape[-1]
     scale = torch.tensor(level.scale, dtype=torch.float32, device=u.device)
     pos = u.float() * scale + 0.5           # two roundings, no fused multiply-add (README 4.1)
     base = torch.floor(pos)
     frac = pos - base
-    base = base.to(torch.int64)
-    rows, weights = [], []
-    for c in range(1 << u.shape[-1]):
-        w = None
-        index = torch.zeros(u.shape[0], dtype=torch.int64, device=u.device)
-        for d in range(u.shape[-1]):
-            upper = (c >> d) & 1
-            factor = frac[:, d] if upper else 1 - frac[:, d]
-            w = factor if w is None else w * factor
-            if d < len(level.strides):
-                index = index + (base[:, d] + upper) * level.strides[d]
-        rows.append(index % level.rows)
-        weights.append(w)
-    return torch.stack(rows, dim=-1), torch.stack(weights, dim=-1)
+    base = base.to(torch.int32)
+    bits = _corner_bits(dim, u.device)                       # [8, D] bool
+    weights = None
+    for d in range(dim):                                     # product over d in order (float32)
+        factor = torch.where(bits[:, d], frac[:, d:d + 1], 1 - frac[:, d:d + 1])
+        weights = factor if weights is None else weights * factor
+    index = torch.zeros(u.shape[0], bits.shape[0], dtype=torch.int32, device=u.device)
+    for d, stride in enumerate(level.strides):
+        index += (base[:, d:d + 1] + bits[:, d].to(torch.int32)) * stride
+    return index % level.rows, weights
 
 
 class _TiledGridFunction(torch.autograd.Function):
@@ -137,10 +145,11 @@ def _grid_forward(u: torch.Tensor, embeddings: torch.Tensor, levels, chunk: int)
         uc = torch.where(inside[:, None], uc, torch.zeros_like(uc))
         for lv in levels:
             rows, weights = corners(uc, lv)
-            acc = None
-            for c in range(rows.shape[1]):
-                term = weights[:, c:c + 1].to(embeddings.dtype) * embeddings.index_select(0, rows[:, c] + lv.offset)
-                acc = term if acc is None else acc + term
+            values = embeddings.index_select(0, (rows + lv.offset).reshape(-1).long()).reshape(*rows.shape, channels)
+            weights = weights.to(embeddings.dtype).unsqueeze(-1)
+            acc = weights[:, 0] * values[:, 0]
+            for c in range(1, rows.shape[1]):  # corner order, as the kernel sums
+                acc = acc + weights[:, c] * values[:, c]
             acc = torch.where(inside[:, None], acc, torch.zeros_like(acc))
             out[start:start + chunk, lv.level * channels:(lv.level + 1) * channels] = acc
     return out
@@ -157,8 +166,8 @@ def _grid_backward(u, grad_out, num_rows, levels, chunk):
         for lv in levels:
             rows, weights = corners(uc, lv)
             g = g_chunk[:, lv.level * channels:(lv.level + 1) * channels] * inside[:, None]
-            for c in range(rows.shape[1]):
-                grad_emb.index_add_(0, rows[:, c] + lv.offset, weights[:, c:c + 1].to(g.dtype) * g)
+            contrib = weights.to(g.dtype).unsqueeze(-1) * g.unsqueeze(1)       # [N, 8, C]
+            grad_emb.index_add_(0, (rows + lv.offset).reshape(-1).long(), contrib.reshape(-1, channels))
     return grad_emb
 
 

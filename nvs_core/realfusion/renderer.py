@@ -197,7 +197,7 @@ def render_cameras(field: RealFusionField, cameras: Cameras, height: Optional[in
                    progress=None, interrupt=None) -> Dict[str, torch.Tensor]:
     """Evaluation renders of ``NVS_CAMERA`` views: image [B, H, W, 3], depth [B, H, W] (normalised
     per ray to [0, 1] between the box's near and far), alpha [B, H, W], normals [B, H, W, 3] in [0, 1]
-    (world normals n mapped to (n + 1) / 2, NVS world) or None.
+    (composited world normals mapped to (n + alpha) / 2, NVS world; 0 on the background) or None.
 
     Rays are converted to RealFusion's x-mirrored world, so a fitted field renders its input photo
     upright from the NVS camera of the input view. ``light_d`` (NVS world) defaults to the camera.
@@ -220,7 +220,7 @@ def render_cameras(field: RealFusionField, cameras: Cameras, height: Optional[in
         if res.get("normals") is not None:
             n = res["normals"].reshape(height, width, 3)
             n = n * torch.tensor([-1.0, 1.0, 1.0], device=n.device)  # back to the NVS world
-            out["normals"].append((n + 1) / 2 * res["weights_sum"].reshape(height, width, 1))
+            out["normals"].append((n + res["weights_sum"].reshape(height, width, 1)) / 2)  # premultiplied
         if progress is not None:
             progress(i + 1, len(cameras))
     return {k: (torch.stack(v) if v else None) for k, v in out.items()}

@@ -310,7 +310,7 @@ def _sparse_grid(field):
 
 
 def raymarch_case(case: dict, method_dir: Path) -> None:
-    from nvs_core.realfusion.field import morton3d, morton3d_invert
+    from nvs_core.realfusion.field import morton3d, morton3d_invert, safe_normalize
     from nvs_core.realfusion.renderer import default_light, render_rays
 
     t = _tensors(method_dir / case["file"])
@@ -345,7 +345,6 @@ def raymarch_case(case: dict, method_dir: Path) -> None:
     for key in ("nears", "fars", "xyzs", "dirs", "deltas", "rays", "sigmas", "rgbs", "sample_normals", "image",
                 "depth", "weights_sum", "normals", "loss_orient", "loss_smooth", "mask", "bg"):
         got[f"output.train.{key}"] = res[key]
-    got["output.train.rgbs"] = res["rgbs"]
     got["output.train.composite.image"] = res["composite_image"]
     got["output.train.composite.depth"] = res["composite_depth"]
     got["output.train.composite.weights_sum"] = res["weights_sum"].reshape(-1)
@@ -361,8 +360,6 @@ def raymarch_case(case: dict, method_dir: Path) -> None:
 
     # Evaluation renders: white background, light from the first ray's origin.
     field.train(False)
-    light = torch.nn.functional.normalize(rays_o[0][0], dim=0)
-    from nvs_core.realfusion.field import safe_normalize
     light = safe_normalize(rays_o[0][0])
     got["output.eval.light_d"] = light
     for shading, ratio in (("albedo", 1.0), ("textureless", 0.1)):

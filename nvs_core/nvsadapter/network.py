@@ -127,6 +127,10 @@ class AdapterHook:
             raise ValueError(f"layer {call.layer} ({layer.name}): {hidden.shape[1]} tokens in the UNet, "
                              f"{tokens.shape[1]} in the ray embedding (latents and rays on different grids?)")
         block = self.adapter.block(call.layer)
+        if block.support_emb.device != hidden.device:  # the adapter follows the UNet's compute device
+            self.adapter.to(hidden.device)
+            self._posemb.clear()
+            tokens = self.posemb_tokens(layer.level)
         dtype = block.support_emb.dtype
         out = block.after_self_attention(hidden.to(dtype), tokens.to(hidden.device, dtype),
                                          self.batch.image.to(hidden.device, dtype), self.batch.objects,

@@ -2,7 +2,6 @@
 skipping (samples per ray with and without the grid), background, NVS_CAMERA renders, cameras."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -19,7 +19,6 @@ and the fixtures' draws replayed.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grid import DEFAULT_CHUNK, TiledGridEncoder
+from .grid import TiledGridEncoder
 
 SHADINGS = ("albedo", "textureless", "lambertian", "normal")
 

@@ -16,7 +16,6 @@ The SDS step (``sds_latent_gradient``) is the closed form ``lambda (1 - alpha_ba
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 

@@ -19,7 +19,7 @@ The marcher runs all rays in lock step on tensors (no Python loop per ray), so i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch

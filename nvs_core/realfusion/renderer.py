@@ -18,8 +18,7 @@ sample slots, so a 512 x 512 evaluation render needs the same few hundred MB as 
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -47,12 +46,14 @@ def render_rays(field: RealFusionField, rays_o: torch.Tensor, rays_d: torch.Tens
                 max_steps: int = 512, T_thresh: float = 1e-4, min_near: float = 0.2, use_occupancy: bool = True,
                 normals: bool = True, smooth_loss: bool = True, generator: Optional[torch.Generator] = None,
                 march_noise: Optional[torch.Tensor] = None, smooth_noise: Optional[torch.Tensor] = None,
-                ray_batch: int = DEFAULT_RAY_BATCH, return_samples: bool = False) -> Dict[str, torch.Tensor]:
+                ray_batch: int = DEFAULT_RAY_BATCH, return_samples: bool = False,
+                interrupt: Optional[Callable[[], None]] = None) -> Dict[str, torch.Tensor]:
     """Render rays [..., 3] (RealFusion world). Returns image [..., 3], depth, weights_sum, mask, normals.
 
     ``mode`` defaults to ``"train"`` when the field is in training mode, else ``"eval"``.
     ``march_noise`` / ``smooth_noise`` replace the random draws of ``perturb`` and the smoothness loss.
     ``normals=False`` skips normals in albedo shading (faster previews; no normals image).
+    ``interrupt`` is called before each evaluation batch of ``ray_batch`` rays (it raises to stop).
     """
     mode = mode or ("train" if field.training else "eval")
     if mode not in ("train", "eval"):
@@ -72,6 +73,8 @@ def render_rays(field: RealFusionField, rays_o: torch.Tensor, rays_d: torch.Tens
     else:
         results = {}
         for start in range(0, o.shape[0], ray_batch):
+            if interrupt is not None:
+                interrupt()
             sl = slice(start, start + ray_batch)
             part = _run_eval(field, o[sl], d[sl], nears[sl], fars[sl], bitfield, shading, ambient_ratio, light_d,
                              perturb, max_steps, T_thresh, normals, generator, return_samples)
@@ -213,7 +216,8 @@ def render_cameras(field: RealFusionField, cameras: Cameras, height: Optional[in
         light = safe_normalize(o[0]) if light_d is None else nvs_rays_to_realfusion(
             light_d.reshape(1, 3).to(o), light_d.reshape(1, 3).to(o))[0][0]
         res = render_rays(field, o, d, mode="eval", shading=shading, ambient_ratio=ambient_ratio, light_d=light,
-                          bg_color=bg_color, normals=normals, use_occupancy=use_occupancy, ray_batch=ray_batch)
+                          bg_color=bg_color, normals=normals, use_occupancy=use_occupancy, ray_batch=ray_batch,
+                          interrupt=interrupt)
         out["image"].append(res["image"].reshape(height, width, 3))
         out["depth"].append(torch.nan_to_num(res["depth"], nan=1.0).reshape(height, width))
         out["alpha"].append(res["weights_sum"].reshape(height, width))

@@ -1,0 +1,106 @@
+"""Preparing user images and cameras for GeNVS: alpha over white, centre crop, resize, matching cameras.
+
+GeNVS works on square images (``image_size`` for the encoder, a square render grid) and was trained on
+objects over a white background. Images of any size are centre-cropped to a square of side
+min(H, W) (offsets rounded half to even, as torchvision's ``center_crop``, which VIVID's node uses
+too) and resized; RGBA is composited over white first. Cameras get the same crop, so intrinsics stay
+exact: :func:`crop_cameras` returns square cameras for the cropped region.
+
+Images are ComfyUI IMAGE tensors [N, H, W, C] with values 0..1; the prepared batch is (N, 3, S, S).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..cameras import Cameras
+from .pipeline import fit_images
+
+# A source image whose aspect ratio differs from its camera's by more than this is refused.
+ASPECT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """The centre square taken from an image of ``width`` x ``height``."""
+
+    top: int
+    left: int
+    side: int
+    width: int
+    height: int
+
+    def describe(self) -> str:
+        if self.side == self.width == self.height:
+            return f"{self.width}x{self.height} (square: no crop)"
+        return f"{self.width}x{self.height}: centre crop {self.side}x{self.side} at x={self.left}, y={self.top}"
+
+
+def centre_crop_box(height: int, width: int) -> CropBox:
+    """The centre square of side min(H, W); offsets as torchvision's ``center_crop`` (round half to even)."""
+    side = min(int(height), int(width))
+    return CropBox(int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side, int(width), int(height))
+
+
+def composite_on_white(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [N,H,W,3|4] -> [N,H,W,3] float32 in 0..1, RGBA composited over white."""
+    images = images.to(torch.float32)
+    if images.shape[-1] == 4:
+        rgb, alpha = images[..., :3], images[..., 3:].clamp(0, 1)
+        images = rgb * alpha + (1.0 - alpha)
+    return images[..., :3].clamp(0, 1)
+
+
+def prepare_images(images: torch.Tensor, size: int) -> Tuple[torch.Tensor, CropBox]:
+    """IMAGE [N,H,W,3|4] -> (N, 3, size, size) in 0..1 (over white, centre-cropped, resized) and the crop."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an image batch [N, H, W, 3 or 4], got {tuple(images.shape)}")
+    box = centre_crop_box(images.shape[1], images.shape[2])
+    rgb = composite_on_white(images)[:, box.top:box.top + box.side, box.left:box.left + box.side]
+    return fit_images(rgb.permute(0, 3, 1, 2).contiguous(), size), box
+
+
+def check_aspect(cameras: Cameras, width: int, height: int, name: str, tolerance: float = ASPECT_TOLERANCE) -> None:
+    """Refuse cameras made for an image of another aspect ratio (their intrinsics would not fit)."""
+    image_aspect, camera_aspect = width / height, cameras.width / cameras.height
+    if abs(image_aspect / camera_aspect - 1) > tolerance:
+        raise ValueError(f"{name}: made for {cameras.width}x{cameras.height} images but the images are "
+                         f"{width}x{height} (aspect {image_aspect:.3f} vs {camera_aspect:.3f}); set the cameras' "
+                         "width and height to the images' size")
+
+
+def crop_cameras(cameras: Cameras) -> Tuple[Cameras, CropBox]:
+    """The cameras of the centre square of their nominal image (square cameras of side min(W, H))."""
+    box = centre_crop_box(cameras.height, cameras.width)
+    if box.side == cameras.width == cameras.height:
+        return cameras, box
+    K = cameras.K().clone()                     # pixels of the nominal size
+    K[:, 0, 2] -= box.left
+    K[:, 1, 2] -= box.top
+    side = box.side
+    intr = torch.stack([K[:, 0, 0] / side, K[:, 1, 1] / side, K[:, 0, 2] / side, K[:, 1, 2] / side], dim=-1)
+    return Cameras(cameras.c2w, intr, side, side), box
+
+
+def intrinsics_groups(cameras: Cameras, rtol: float = 1e-6) -> List[List[int]]:
+    """Runs of consecutive cameras sharing (normalised) intrinsics: GeNVS renders one K per call."""
+    groups: List[List[int]] = []
+    for i in range(len(cameras)):
+        if groups and torch.allclose(cameras.intrinsics[i], cameras.intrinsics[groups[-1][0]], rtol=rtol, atol=1e-9):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def inside_cube(centres: torch.Tensor, bound: float = 1.0) -> List[int]:
+    """Indices of camera centres (N, 3) inside the scene cube [-bound, bound]^3."""
+    inside = (centres.abs() < bound).all(dim=-1)
+    return [int(i) for i in torch.nonzero(inside).flatten()]
+
+
+def describe_indices(indices: Sequence[int], limit: int = 6) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")

@@ -64,3 +64,15 @@ def test_views_in_groups_are_seeded():
     assert torch.equal(views, run(0, 2)) and not torch.equal(views, run(1, 2))
     with pytest.raises(ValueError, match="empty batch"):
         generate_views(backend, adapter, image, _cameras([0], [0]), _cameras([0], [0])[:0], emb, text)
+
+
+def test_clip_embedding_from_any_encoder():
+    from nvs_core.nvsadapter.pipeline import clip_pixels
+
+    images = torch.rand(2, 3, 48, 48) * 2 - 1
+    pixels = clip_pixels(images)
+    assert pixels.shape == (2, 3, 224, 224)
+    got = clip_image_embedding(lambda px: px.mean(dim=(2, 3)), images)
+    assert torch.equal(got, pixels.mean(dim=(2, 3)).unsqueeze(1))
+    with pytest.raises(ValueError, match="expected projected image embeddings"):
+        clip_image_embedding(lambda px: px, images)

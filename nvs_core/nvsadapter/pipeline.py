@@ -53,19 +53,31 @@ def prepare_reference(images: torch.Tensor, alpha: Optional[torch.Tensor] = None
     return (x.clamp(0, 1) * 2 - 1)
 
 
-def clip_image_embedding(vision_model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 1, D) projected CLIP image embeddings of [-1, 1] images (B, 3, H, W), published preprocessing;
-    ``vision_model`` is a transformers ``CLIPVisionModelWithProjection`` (or anything returning
-    ``image_embeds``)."""
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The published CLIP preprocessing of [-1, 1] images (B, 3, H, W) -> (B, 3, 224, 224)."""
     import kornia
 
     x = kornia.geometry.transform.resize(images.float(), (CLIP_SIZE, CLIP_SIZE), interpolation="bicubic",
                                          align_corners=True, antialias=True)
     x = (x + 1.0) / 2.0
-    x = kornia.enhance.normalize(x, torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD))
-    parameter = next(vision_model.parameters())
-    out = vision_model(pixel_values=x.to(device=parameter.device, dtype=parameter.dtype))
-    embeds = out.image_embeds if hasattr(out, "image_embeds") else out[0]
+    return kornia.enhance.normalize(x, torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD))
+
+
+def clip_image_embedding(vision, images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, D) projected CLIP image embeddings of [-1, 1] images (B, 3, H, W), published preprocessing.
+
+    ``vision``: a transformers ``CLIPVisionModelWithProjection`` (its ``image_embeds``), or any callable taking
+    the preprocessed pixels and returning (B, D) embeddings (e.g. a host's CLIP vision model)."""
+    pixels = clip_pixels(images)
+    if isinstance(vision, torch.nn.Module):
+        parameter = next(vision.parameters())
+        out = vision(pixel_values=pixels.to(device=parameter.device, dtype=parameter.dtype))
+    else:
+        out = vision(pixels)
+    embeds = out if isinstance(out, torch.Tensor) else getattr(out, "image_embeds", None)
+    if embeds is None or embeds.ndim != 2 or embeds.shape[0] != images.shape[0]:
+        raise ValueError(f"CLIP vision: expected projected image embeddings ({images.shape[0]}, D), got "
+                         f"{type(out).__name__ if embeds is None else tuple(embeds.shape)}")
     return embeds.float().unsqueeze(1)
 
 

@@ -8,6 +8,7 @@ live in the cube [-1, 1]^3 (after ``scene_scale``); cameras must be outside it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -59,6 +60,12 @@ class GeNVSModel:
     name: str = "<in memory>"
     scene_scale: float = 1.0
     info: Dict[str, object] = field(default_factory=dict)
+    autocast_dtype: Optional[torch.dtype] = None   # fp16/bf16 compute; the weights stay float32
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @property
     def config(self):
@@ -84,7 +91,8 @@ class GeNVSModel:
                  f"{cfg.render_size} px x {cfg.nerf.color_feat_dim} features, views {cfg.diffusion_size} px",
                  f"noise sigma {d.sigma_min:g}..{d.sigma_max:g}, scene_scale {self.scene_scale:g} "
                  f"(cameras outside the cube [-{self.bound:g}, {self.bound:g}]^3)",
-                 f"device {self.device}, {str(self.dtype).replace('torch.', '')}"]
+                 f"device {self.device}, weights {str(self.dtype).replace('torch.', '')}, compute "
+                 f"{str(self.autocast_dtype or self.dtype).replace('torch.', '')}"]
         fmt = self.info.get("format")
         if fmt:
             lines.insert(1, f"format: {fmt}")
@@ -157,8 +165,9 @@ class NVSGeNVSLoader:
                               f"the bundled demo model ({DEMO_CHOICE}).", **opts}),
             "device": (DEVICE_CHOICES, {"default": "auto", "tooltip": "auto: ComfyUI's compute device (the GPU when "
                        "there is one); cpu: always the CPU."}),
-            "dtype": (list(host.DTYPE_CHOICES), {"default": "auto", "tooltip": "Weight precision. auto: fp16 on a "
-                      "GPU, fp32 on the CPU. Camera geometry stays in float32/float64 either way."}),
+            "dtype": (list(host.DTYPE_CHOICES), {"default": "auto", "tooltip": "Compute precision. auto and fp32: "
+                      "float32; fp16 (GPU only) and bf16 compute the networks under autocast. Weights and camera "
+                      "geometry stay float32/float64 either way."}),
             "noise": (NOISE_CHOICES, {"default": "auto", "tooltip": "Sigma limits of the sampler: auto = the "
                       "file's own (converted files) or the published 'mid' config (genvs.pt: sigma 0.03..50); low "
                       "and high: sigma 0.01..80 (the published low/high configs)."}),
@@ -185,20 +194,21 @@ class NVSGeNVSLoader:
             raise ValueError(f"noise must be one of {NOISE_CHOICES}, got {noise!r}")
         if not isinstance(scene_scale, (int, float)) or not math.isfinite(scene_scale) or scene_scale < 0:
             raise ValueError(f"scene_scale must be a finite number >= 0 (0 = the file's), got {scene_scale!r}")
+        if dtype not in host.DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {host.DTYPE_CHOICES}, got {dtype!r}")
         run_device = host.compute_device() if device == "auto" else torch.device("cpu")
-        weight_dtype = host.resolve_dtype(dtype, run_device)
-        if run_device.type == "cpu" and weight_dtype == torch.float16:
-            raise ValueError("dtype: fp16 runs on a GPU only (the CPU lacks fp16 kernels GeNVS needs); choose "
-                             "fp32 or bf16 on the CPU")
+        compute = None if dtype in ("auto", "fp32") else host.resolve_dtype(dtype, run_device)
+        if run_device.type == "cpu" and compute == torch.float16:
+            raise ValueError("dtype: fp16 runs on a GPU only; choose fp32 or bf16 on the CPU")
         path = model_path(model)
-        key = (_file_key(path), str(run_device), weight_dtype, noise)
+        key = (_file_key(path), str(run_device), noise)
         if key in _CACHE:
             _CACHE.move_to_end(key)
             cached = _CACHE[key]
         else:
             try:
                 ckpt = load_genvs_checkpoint(path, None if noise == "auto" else noise)
-                net = ckpt.build(run_device, weight_dtype)
+                net = ckpt.build(run_device, torch.float32)
             except CheckpointError as exc:
                 raise ValueError(f"model: {model} is not a usable GeNVS checkpoint: {exc}") from None
             meta = ckpt.extras.get("meta", {}) if isinstance(ckpt.extras.get("meta"), dict) else {}
@@ -208,7 +218,7 @@ class NVSGeNVSLoader:
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
         result = GeNVSModel(cached.model, cached.name, float(scene_scale) if scene_scale > 0 else cached.scene_scale,
-                            cached.info)
+                            cached.info, compute)
         return {"ui": {"text": [result.describe()]}, "result": (result,)}
 
 
@@ -373,7 +383,7 @@ class NVSGeNVSRender:
         feats, depths, opacities = [], [], []
         bar = host.progress_factory()(len(targets.groups) + 1, "GeNVS render")
         try:
-            with torch.inference_mode(), model.mode(False):
+            with torch.inference_mode(), model.mode(False), genvs.autocast():
                 src = source_views(model, sources.images01, sources.cameras)
                 bar.update(1)
                 for group in targets.groups:
@@ -457,7 +467,7 @@ class NVSGeNVSSampler:
         images, opacities = [], []
         bar = host.progress_factory()(len(targets.groups) * steps, "GeNVS novel views")
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), genvs.autocast():
                 volumes = model.encode(sources.images01)
                 bar.check()
                 for group in targets.groups:
@@ -555,7 +565,7 @@ class NVSGeNVSOrbit:
             _refuse_inside(genvs, g_path, "frames (circle)")
             path_text = f"circle of {frames} frames around the vertical axis (published: 200 poses)"
         model = genvs.model
-        with torch.inference_mode():
+        with torch.inference_mode(), genvs.autocast():
             out = autoregressive_orbit(model, sources.images01, sources.cameras, g_path, steps=steps,
                                        stochastic=bool(stochastic), cfg=float(cfg), seed=int(seed),
                                        max_cached_volumes=max_cached_volumes,

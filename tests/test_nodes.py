@@ -38,6 +38,9 @@ def _example(kind: str):
     if kind == "NVS_VIVID":  # tiny random base + guidance + SR nets, in memory
         from tests.test_nodes_vivid import tiny_vivid_models
         return tiny_vivid_models()
+    if kind == "NVS_GENVS":  # a tiny random GeNVS network, in memory
+        from tests.test_nodes_genvs import tiny_genvs_model
+        return tiny_genvs_model()
     raise KeyError(kind)
 
 
@@ -49,6 +52,9 @@ OVERRIDES = {
     "NVSVIVIDSampler": lambda tmp: {"source_image": _example("IMAGE")[:1], "source_camera": _example("NVS_CAMERA")[0],
                                     "steps": 2},
     "NVSVIVIDTrain": lambda tmp: {"network": "tiny 16px", "steps": 2, "batch_size": 2},
+    "NVSGeNVSLoader": lambda tmp: {"model": str(_tiny_genvs_file(tmp))},
+    "NVSGeNVSSampler": lambda tmp: {"steps": 2},
+    "NVSGeNVSOrbit": lambda tmp: {"steps": 2, "frames": 2},
     "NVSLoadDTUScan": lambda tmp: {"root": str(_tiny_dtu_root(tmp))},
     "NVSViewNeTILoader": lambda tmp: {"view_mapper": str(GOLDEN_DIR / "viewneti/checkpoints/mapper-steps-10_view.pt"),
                                       "dtu_calibration": str(GOLDEN_DIR / "viewneti/cal18_synthetic")},
@@ -59,6 +65,12 @@ def _tiny_vivid_file(tmp):
     from tests.test_nodes_vivid import BASE, save_tiny
 
     return save_tiny(tmp, "vivid-tiny.safetensors", BASE)
+
+
+def _tiny_genvs_file(tmp):
+    from tests.test_nodes_genvs import save_tiny
+
+    return save_tiny(tmp / "genvs-tiny.safetensors")
 
 
 def _tiny_dtu_root(tmp):

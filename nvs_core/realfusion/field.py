@@ -116,6 +116,18 @@ def freq_encode(x: torch.Tensor, degree: int = 6, kernel: bool = True) -> torch.
     return torch.cat(out, dim=-1)
 
 
+class FreqEncoder(nn.Module):
+    """Stateless module form of :func:`freq_encode` (the published ``encoder_bg``; no state-dict keys)."""
+
+    def __init__(self, input_dim: int = 3, degree: int = 6, kernel: bool = True):
+        super().__init__()
+        self.input_dim, self.degree, self.kernel = input_dim, degree, kernel
+        self.output_dim = input_dim * (1 + 2 * degree)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return freq_encode(x, self.degree, self.kernel)
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them, under ``net.<i>`` (the published key layout)."""
 
@@ -198,7 +210,8 @@ class RealFusionField(nn.Module):
                                         init_std=config.init_std)
         self.in_dim = self.encoder.output_dim
         self.sigma_net = MLP(self.in_dim, 4, config.hidden_dim, config.num_layers)
-        self.bg_in_dim = 3 + 6 * config.freq_degree
+        self.encoder_bg = FreqEncoder(3, config.freq_degree, kernel=True)
+        self.bg_in_dim = self.encoder_bg.output_dim
         self.bg_net = (MLP(self.bg_in_dim, 3, config.hidden_dim_bg, config.num_layers_bg)
                        if config.bg_radius > 0 else None)
         self.grid_levels_mask = int(config.grid_levels_mask)
@@ -291,7 +304,7 @@ class RealFusionField(nn.Module):
     def background(self, d: torch.Tensor) -> torch.Tensor:
         if self.bg_net is None:
             raise ValueError("this field has no background network (bg_radius <= 0)")
-        return torch.sigmoid(self.bg_net(freq_encode(d, self.config.freq_degree, kernel=True)))
+        return torch.sigmoid(self.bg_net(self.encoder_bg(d)))
 
     # ------------------------------------------------------------------ occupancy grid
     @torch.no_grad()

@@ -173,3 +173,14 @@ def test_host_sampler_call_equals_the_in_model_cfg():
     assert torch.equal(again, got)
     with pytest.raises(ValueError, match="3 views, the NVS-Adapter conditioning was made for 2"):
         _backend().predict_noise(torch.randn(3, 4, H, H), t, x["text_context"], None, 1.0, call.patches)
+
+
+def test_reduced_precision_adapter():
+    """A bfloat16 adapter in a float32 UNet: the hook computes in the adapter's dtype and casts back."""
+    import copy
+
+    x = _inputs(objects=1, queries=2)
+    reference = _run(**x)
+    got = _run(adapter=copy.deepcopy(_adapter()).to(torch.bfloat16), **x)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got - reference).abs().max() < 0.1 * reference.abs().max()

@@ -17,7 +17,7 @@ Rules (published ``ThreeDiMAdapter._set_unet_info`` / ``_wrap_unet`` / ``_set_po
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, List, Mapping, Tuple
 
 POSEMB_DIM = 144
@@ -59,13 +59,11 @@ class NVSAdapterConfig:
     query_emb_scale: float = 1.0
     offset_deg: Tuple[int, int] = OFFSET_DEG
     direction_deg: Tuple[int, int] = DIRECTION_DEG
-    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions", "offset_deg", "direction_deg"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
-        object.__setattr__(self, "meta", dict(self.meta))
         if self.model_channels <= 0 or not self.channel_mult or self.num_res_blocks <= 0:
             raise ValueError(f"invalid NVS-Adapter UNet shape: model_channels {self.model_channels}, "
                              f"channel_mult {self.channel_mult}, num_res_blocks {self.num_res_blocks}")

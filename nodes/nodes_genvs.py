@@ -43,6 +43,8 @@ NOISE_CHOICES = ["auto"] + sorted(NOISE_CONFIGS)
 DEMO_CHOICE = "demo/genvs_procedural.safetensors"
 DEMO_PATH = Path(__file__).resolve().parents[1] / "models" / "demo" / "genvs_procedural.safetensors"
 PUBLISHED_STEPS = 250
+WORLD, FIRST_SOURCE = "world", "first source"
+FRAME_CHOICES = ["auto", WORLD, FIRST_SOURCE]
 # A target whose render has no pixel above this opacity sees only background (its rays miss the scene).
 MISS_OPACITY = 0.01
 # Device volumes kept by the orbit's cache (the rest go to host memory, at most MAX_OFFLOADED_VOLUMES).
@@ -61,6 +63,7 @@ class GeNVSModel:
     scene_scale: float = 1.0
     info: Dict[str, object] = field(default_factory=dict)
     autocast_dtype: Optional[torch.dtype] = None   # fp16/bf16 compute; the weights stay float32
+    first_source_frame: bool = False               # poses relative to the first source (normalize_first_view)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -90,7 +93,8 @@ class GeNVSModel:
         lines = [f"GeNVS {self.name}: {params:.3g}M parameters, source images {cfg.image_size} px, render "
                  f"{cfg.render_size} px x {cfg.nerf.color_feat_dim} features, views {cfg.diffusion_size} px",
                  f"noise sigma {d.sigma_min:g}..{d.sigma_max:g}, scene_scale {self.scene_scale:g} "
-                 f"(cameras outside the cube [-{self.bound:g}, {self.bound:g}]^3)",
+                 f"(cameras outside the cube [-{self.bound:g}, {self.bound:g}]^3), camera frame: "
+                 f"{FIRST_SOURCE if self.first_source_frame else WORLD}",
                  f"device {self.device}, weights {str(self.dtype).replace('torch.', '')}, compute "
                  f"{str(self.autocast_dtype or self.dtype).replace('torch.', '')}"]
         fmt = self.info.get("format")
@@ -131,6 +135,12 @@ def model_path(name: str) -> str:
 def _file_key(path: str) -> Tuple[str, int, int]:
     stat = os.stat(path)
     return os.path.realpath(path), stat.st_mtime_ns, stat.st_size
+
+
+def _file_first_source_frame(meta: dict) -> bool:
+    """True when the file was trained with poses relative to the first view (our trainer records it)."""
+    training = meta.get("training") if isinstance(meta, dict) else None
+    return bool(isinstance(training, dict) and training.get("normalize_first_view"))
 
 
 def _file_scene_scale(meta: dict) -> Optional[float]:
@@ -174,22 +184,28 @@ class NVSGeNVSLoader:
             "scene_scale": float_input(0.0, 0.0, 1000.0, 0.001, "Multiplies camera positions (scene units -> the "
                                        "model's cube [-1, 1]^3). 0 = the file's value (the demo model's training "
                                        "scale), else 1 (SRN cars: cameras at distance 1.3)."),
+            "camera_frame": (FRAME_CHOICES, {"default": "auto", "tooltip": "How poses reach the network. world: "
+                             "as given (the published sampling scripts); first source: relative to the first source "
+                             "camera, which becomes the identity at its distance from the origin (training-time "
+                             "normalize_first_view); auto: what the file was trained with (world for genvs.pt)."}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, model, device, dtype, noise, scene_scale):
+    def IS_CHANGED(cls, model, device, dtype, noise, scene_scale, camera_frame="auto"):
         try:
             stamp = str(_file_key(model_path(model)))
         except (OSError, TypeError, ValueError):
             stamp = f"missing {model}"
-        return "|".join([stamp, str(device), str(dtype), str(noise), str(scene_scale)])
+        return "|".join([stamp, str(device), str(dtype), str(noise), str(scene_scale), str(camera_frame)])
 
-    def load(self, model, device="auto", dtype="auto", noise="auto", scene_scale=0.0):
+    def load(self, model, device="auto", dtype="auto", noise="auto", scene_scale=0.0, camera_frame="auto"):
         if not isinstance(model, str) or not model:
             raise ValueError("model: choose a GeNVS file from models/nvs/genvs/ (genvs.pt or a converted "
                              ".safetensors)")
         if device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
+        if camera_frame not in FRAME_CHOICES:
+            raise ValueError(f"camera_frame must be one of {FRAME_CHOICES}, got {camera_frame!r}")
         if noise not in NOISE_CHOICES:
             raise ValueError(f"noise must be one of {NOISE_CHOICES}, got {noise!r}")
         if not isinstance(scene_scale, (int, float)) or not math.isfinite(scene_scale) or scene_scale < 0:
@@ -213,12 +229,14 @@ class NVSGeNVSLoader:
                 raise ValueError(f"model: {model} is not a usable GeNVS checkpoint: {exc}") from None
             meta = ckpt.extras.get("meta", {}) if isinstance(ckpt.extras.get("meta"), dict) else {}
             fmt = ("published genvs.pt" if ckpt.extras.get("source_format") else "converted safetensors + JSON")
-            cached = GeNVSModel(net, model, _file_scene_scale(meta) or 1.0, {"format": fmt, "meta": meta})
+            cached = GeNVSModel(net, model, _file_scene_scale(meta) or 1.0, {"format": fmt, "meta": meta},
+                                first_source_frame=_file_first_source_frame(meta))
             _CACHE[key] = cached
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
         result = GeNVSModel(cached.model, cached.name, float(scene_scale) if scene_scale > 0 else cached.scene_scale,
-                            cached.info, compute)
+                            cached.info, compute, cached.first_source_frame if camera_frame == "auto"
+                            else camera_frame == FIRST_SOURCE)
         return {"ui": {"text": [result.describe()]}, "result": (result,)}
 
 
@@ -226,7 +244,9 @@ class NVSGeNVSLoader:
 @dataclass
 class Sources:
     images01: torch.Tensor          # (N, 3, S, S) at the model's image size
-    cameras: GeNVSCameras
+    cameras: GeNVSCameras           # in the network's frame
+    world: GeNVSCameras             # in GeNVS's world frame (Z up, scaled)
+    transform: torch.Tensor         # world -> network frame (4, 4) float64
     box: gin.CropBox
     alpha: bool
 
@@ -236,6 +256,7 @@ class Targets:
     cameras: Cameras                # cropped to their centre square
     groups: List[List[int]]         # runs of targets sharing intrinsics
     box: gin.CropBox
+    transform: torch.Tensor         # world -> network frame (the sources')
 
 
 def _check_model(genvs) -> GeNVSModel:
@@ -283,23 +304,31 @@ def prepare_sources(genvs: GeNVSModel, source_images, source_cameras) -> Sources
                          "with one field of view (the first camera's): give the sources one shared intrinsics")
     cropped, _ = gin.crop_cameras(cams)
     images01, box = gin.prepare_images(source_images, genvs.config.image_size)
-    g = to_genvs(cropped, genvs.config.render_size, 0, genvs.scene_scale)
+    world = to_genvs(cropped, genvs.config.render_size, 0, genvs.scene_scale)
+    transform = (gin.first_view_transform(world.poses[0]) if genvs.first_source_frame
+                 else torch.eye(4, dtype=torch.float64))
+    g = _in_frame(world, transform)
     _refuse_inside(genvs, g, "source_cameras")
-    return Sources(images01, g, box, source_images.shape[-1] == 4)
+    return Sources(images01, g, world, transform, box, source_images.shape[-1] == 4)
 
 
-def prepare_targets(genvs: GeNVSModel, target_cameras, name: str = "target_cameras") -> Targets:
+def _in_frame(g: GeNVSCameras, transform: torch.Tensor) -> GeNVSCameras:
+    return GeNVSCameras(gin.transform_poses(transform, g.poses), g.intrinsics, g.camera_k, g.render_size, g.camera_d)
+
+
+def prepare_targets(genvs: GeNVSModel, target_cameras, sources: Sources, name: str = "target_cameras") -> Targets:
     if isinstance(target_cameras, Cameras) and len(target_cameras) == 0:
         raise ValueError(f"{name}: the camera batch is empty; give at least one target camera")
     cams = _check_cameras(target_cameras, name)
     cropped, box = gin.crop_cameras(cams)
-    g = to_genvs(cropped, genvs.config.render_size, 0, genvs.scene_scale)
-    _refuse_inside(genvs, g, name)
-    return Targets(cropped, gin.intrinsics_groups(cropped), box)
+    targets = Targets(cropped, gin.intrinsics_groups(cropped), box, sources.transform)
+    _refuse_inside(genvs, _genvs_targets(genvs, targets, list(range(len(cropped))), genvs.config.render_size), name)
+    return targets
 
 
 def _genvs_targets(genvs: GeNVSModel, targets: Targets, group: List[int], render_size: int) -> GeNVSCameras:
-    return to_genvs(targets.cameras[group], render_size, 0, genvs.scene_scale)
+    """Targets ``group`` in the network's frame, intrinsics of the group's first camera on the render grid."""
+    return _in_frame(to_genvs(targets.cameras[group], render_size, 0, genvs.scene_scale), targets.transform)
 
 
 def _misses(opacity: torch.Tensor) -> List[int]:
@@ -376,7 +405,7 @@ class NVSGeNVSRender:
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be an integer >= 0 (0 = the model's render size), got {size!r}")
         sources = prepare_sources(genvs, source_images, source_cameras)
-        targets = prepare_targets(genvs, target_cameras)
+        targets = prepare_targets(genvs, target_cameras, sources)
         size = size or genvs.config.render_size
         model = genvs.model
         generator = torch.Generator().manual_seed(int(seed))
@@ -462,7 +491,7 @@ class NVSGeNVSSampler:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         sources = prepare_sources(genvs, source_images, source_cameras)
-        targets = prepare_targets(genvs, target_cameras)
+        targets = prepare_targets(genvs, target_cameras, sources)
         model = genvs.model
         images, opacities = [], []
         bar = host.progress_factory()(len(targets.groups) * steps, "GeNVS novel views")
@@ -550,18 +579,21 @@ class NVSGeNVSOrbit:
         sources = prepare_sources(genvs, source_images, source_cameras)
         render_size = genvs.config.render_size
         if path is not None:
-            targets = prepare_targets(genvs, path, "path")
+            targets = prepare_targets(genvs, path, sources, "path")
             if len(targets.groups) > 1:
                 raise ValueError("path: the cameras have different intrinsics; the orbit renders every pose with one "
                                  "field of view: give the path one shared intrinsics")
-            g_path = to_genvs(targets.cameras, render_size, 0, genvs.scene_scale)
+            g_path = _genvs_targets(genvs, targets, list(range(len(targets.cameras))), render_size)
+            path_cams = targets.cameras
             path_text = f"path of {len(g_path)} cameras" + (f" ({targets.box.describe()})"
                                                             if targets.box.side != targets.box.width else "")
         else:
             if not isinstance(frames, int) or frames < 1:
                 raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
-            poses = circle_path(sources.cameras.poses[0], frames + 1)[1:]
-            g_path = GeNVSCameras(poses, sources.cameras.intrinsics, sources.cameras.camera_k, render_size)
+            world = circle_path(sources.world.poses[0], frames + 1)[1:]   # about the world's vertical axis
+            g_path = _in_frame(GeNVSCameras(world, sources.world.intrinsics, sources.world.camera_k, render_size),
+                               sources.transform)
+            path_cams = from_genvs(world, sources.world.intrinsics, render_size, scale=genvs.scene_scale)
             _refuse_inside(genvs, g_path, "frames (circle)")
             path_text = f"circle of {frames} frames around the vertical axis (published: 200 poses)"
         model = genvs.model
@@ -574,7 +606,7 @@ class NVSGeNVSOrbit:
                                        progress=host.progress_factory())
         images = _to_image(out["images"].float())
         size = images.shape[1]
-        cams = from_genvs(g_path.poses, g_path.intrinsics, render_size, image_size=size, scale=genvs.scene_scale)
+        cams = path_cams.with_size(size, size)
         views = MultiView(images.cpu(), cams, names=[f"genvs_orbit_{i:04d}" for i in range(len(images))])
         stats = out["stats"]
         info = (f"{_crop_text(sources, None, genvs.config.image_size)}\n{len(sources.images01)} sources, {path_text}\n"

@@ -71,6 +71,7 @@ def models_root(tmp_path_factory):
     folder.mkdir()
     save_tiny(folder / "tiny.safetensors")
     save_tiny(folder / "scaled.safetensors", meta={"scene_scale": 0.5})
+    save_tiny(folder / "relative.safetensors", meta={"training": {"normalize_first_view": True}})
     save_published(folder / "genvs.pt")
     save_tiny(folder / "nan.safetensors", edit=lambda sd: sd["nerf.sigma_color_net.net.1.bias"].fill_(float("nan")))
     checkpoints.save_with_config(folder / "vivid-base.safetensors", {"w": torch.zeros(2)},
@@ -92,8 +93,8 @@ def genvs():
     return tiny_genvs_model()
 
 
-def _load(name="tiny.safetensors", device="auto", dtype="fp32", noise="auto", scene_scale=0.0):
-    return ng.NVSGeNVSLoader().load(name, device, dtype, noise, scene_scale)
+def _load(name="tiny.safetensors", device="auto", dtype="fp32", noise="auto", scene_scale=0.0, camera_frame="auto"):
+    return ng.NVSGeNVSLoader().load(name, device, dtype, noise, scene_scale, camera_frame)
 
 
 def _cams(n, azimuth=0.0, sweep=1.0, width=32, height=32, radius=RADIUS):
@@ -153,6 +154,7 @@ def test_loader_formats_scale_and_noise():
     (dict(dtype="fp16", device="cpu"), "fp16 runs on a GPU only"),
     (dict(noise="extreme"), "noise must be one of"),
     (dict(scene_scale=-1.0), "scene_scale must be"),
+    (dict(camera_frame="camera"), "camera_frame must be one of"),
 ])
 def test_loader_errors(args, message):
     with pytest.raises(ValueError, match=message):
@@ -180,7 +182,20 @@ def test_bf16_compute_runs_on_cpu():
     assert images.shape == (2, 8, 8, 3) and torch.isfinite(images).all()
 
 
+def test_camera_frame_from_the_file_or_chosen():
+    assert not _load()["result"][0].first_source_frame and not _load("genvs.pt")["result"][0].first_source_frame
+    out = _load("relative.safetensors")
+    assert out["result"][0].first_source_frame and "camera frame: first source" in out["ui"]["text"][0]
+    assert not _load("relative.safetensors", camera_frame="world")["result"][0].first_source_frame
+    assert _load(camera_frame="first source")["result"][0].first_source_frame
+
+
 # ----------------------------------------------------------------------------------------------- inputs
+def test_first_view_transform_is_the_training_normalisation():
+    poses = gcams.to_genvs(_cams(3, 0.3), 4).poses
+    T = gin.first_view_transform(poses[0])
+    assert torch.allclose(gin.transform_poses(T, poses.double()), gcams.normalize_first_view(poses), atol=1e-9)
+
 @pytest.mark.parametrize("height, width", [(32, 48), (48, 32), (33, 50), (31, 31), (7, 10)])
 def test_centre_crop_matches_the_vivid_node(height, width):
     box = gin.centre_crop_box(height, width)
@@ -250,6 +265,21 @@ def test_sampler_outputs_and_matches_the_core_pipeline(genvs):
     core = gpipe.generate_views(genvs.model, sources01, src, tgt, steps=2, seed=5, noise="per_target",
                                 progress=progress_mod.silent_progress)["images"]
     assert torch.allclose(images, core.permute(0, 2, 3, 1), atol=1e-4)
+
+
+def test_first_source_frame_matches_relative_cameras(genvs):
+    relative = ng.GeNVSModel(genvs.model, "relative", 1.0, first_source_frame=True)
+    images, _ = _sample(relative, n=2, seed=4, source_cameras=_cams(1, 0.2), source_images=_images(1))
+    both = gcams.to_genvs(cam.Cameras.cat([_cams(1, 0.2), _cams(2, 0.4)]), 4, normalize=True)
+    core = gpipe.generate_views(genvs.model, _images(1).permute(0, 3, 1, 2), both[0], both[[1, 2]], steps=2, seed=4,
+                                noise="per_target", progress=progress_mod.silent_progress)["images"]
+    assert torch.allclose(images, core.permute(0, 2, 3, 1), atol=1e-4)
+    world = _sample(genvs, n=2, seed=4, source_cameras=_cams(1, 0.2), source_images=_images(1))[0]
+    assert not torch.allclose(world, images, atol=1e-3)
+    # the circle is the same world circle in either frame
+    a = ng.NVSGeNVSOrbit().orbit(relative, _images(1), _cams(1), steps=1, frames=3)["result"][1]
+    b = ng.NVSGeNVSOrbit().orbit(genvs, _images(1), _cams(1), steps=1, frames=3)["result"][1]
+    assert torch.allclose(a.c2w, b.c2w, atol=1e-6)
 
 
 def test_seeds_are_per_target_and_batch_independent(genvs):

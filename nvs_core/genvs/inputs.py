@@ -104,3 +104,19 @@ def inside_cube(centres: torch.Tensor, bound: float = 1.0) -> List[int]:
 def describe_indices(indices: Sequence[int], limit: int = 6) -> str:
     shown = ", ".join(str(i) for i in indices[:limit])
     return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
+
+
+def first_view_transform(pose0: torch.Tensor) -> torch.Tensor:
+    """The training-time normalisation (``normalize_first_view``) as a matrix: T (4, 4) float64 with
+    T @ pose0 = identity rotation at (0, 0, |t0|); apply the same T to every other camera of the scene."""
+    pose0 = torch.as_tensor(pose0, dtype=torch.float64)
+    R0, t0 = pose0[:3, :3], pose0[:3, 3]
+    T = torch.eye(4, dtype=torch.float64)
+    T[:3, :3] = R0.T
+    T[:3, 3] = -R0.T @ t0 + torch.tensor([0.0, 0.0, float(t0.norm())], dtype=torch.float64)
+    return T
+
+
+def transform_poses(T: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+    """T (4, 4) @ poses (N, 4, 4), computed in float64, returned in the poses' dtype."""
+    return (T.to(torch.float64) @ poses.to(torch.float64)).to(poses.dtype)

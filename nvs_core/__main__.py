@@ -7,6 +7,7 @@ import sys
 from . import convert, dtu
 from .viewneti import training as viewneti_training
 from .vivid import training as vivid_training
+from .genvs import training as genvs_training
 
 
 def main(argv=None) -> int:
@@ -21,6 +22,7 @@ def main(argv=None) -> int:
 
     convert.add_cli(sub)
     vivid_training.add_cli(sub)
+    genvs_training.add_cli(sub)
     viewneti_training.add_cli(sub)
     dtu.add_cli(sub)
     args = parser.parse_args(argv)

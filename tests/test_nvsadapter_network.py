@@ -173,6 +173,8 @@ def test_host_sampler_call_equals_the_in_model_cfg():
     assert torch.equal(again, got)
     with pytest.raises(ValueError, match="3 views, the NVS-Adapter conditioning was made for 2"):
         _backend().predict_noise(torch.randn(3, 4, H, H), t, x["text_context"], None, 1.0, call.patches)
+    with pytest.raises(ValueError, match="width 768.*SD 1.x"):
+        _backend().predict_noise(latents, t, torch.randn(1, 7, 768), None, 1.0, call.patches)
 
 
 def test_reduced_precision_adapter():

@@ -156,14 +156,19 @@ def check_backend(backend: SDBackend, adapter: NVSAdapter) -> None:
                          f"{adapter.num_layers}")
 
 
-def adapter_eps(backend: SDBackend, adapter: NVSAdapter, batch: AdapterBatch) -> torch.Tensor:
-    """eps of the query views (B, Q, 4, h, w) for one built batch (see module doc)."""
+def check_contexts(adapter: NVSAdapter, batch: AdapterBatch) -> None:
+    """Clear errors for text/image contexts of another model family (SD 1.x text, a non-ViT-H CLIP)."""
     if batch.text.shape[-1] != adapter.config.context_dim:
         raise ValueError(f"text context width {batch.text.shape[-1]}: the NVS-Adapter was trained with SD "
                          f"text contexts of width {adapter.config.context_dim} (SD 2.x); is this an SD 1.x model?")
     if batch.image.shape[-1] != adapter.config.image_context_dim:
         raise ValueError(f"image embedding width {batch.image.shape[-1]}: expected {adapter.config.image_context_dim} "
                          "(the projected CLIP ViT-H image embedding)")
+
+
+def adapter_eps(backend: SDBackend, adapter: NVSAdapter, batch: AdapterBatch) -> torch.Tensor:
+    """eps of the query views (B, Q, 4, h, w) for one built batch (see module doc)."""
+    check_contexts(adapter, batch)
     hook = hook_for(adapter)
     with hook.bind(batch):
         output = backend.unet(batch.latents, batch.timesteps, batch.text, (COND,), hook.patches)
@@ -239,6 +244,7 @@ class AdapterUNetCall:
 
     def __call__(self, latents, timesteps, context, chunks, run):
         batch = self.batch(latents, timesteps, context, chunks)
+        check_contexts(self.adapter, batch)
         with hook_for(self.adapter).bind(batch):
             output = run(batch.latents, batch.timesteps.to(torch.float32), batch.text)
         return output[batch.objects:]

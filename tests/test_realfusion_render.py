@@ -57,6 +57,19 @@ def test_occupancy_grid_skips_empty_space(sphere):
     assert train_g["samples_marched"] < 0.35 * train_n["samples_marched"]
 
 
+def test_eval_batches_do_not_change_the_render(sphere):
+    rays = _rays(9)
+    light = torch.tensor([0.0, 1.0, 0.0])
+    one = render_rays(sphere, rays["rays_o"], rays["rays_d"], mode="eval", light_d=light, return_samples=True)
+    many = render_rays(sphere, rays["rays_o"], rays["rays_d"], mode="eval", light_d=light, ray_batch=10,
+                       return_samples=True)
+    assert torch.allclose(one["image"], many["image"], atol=1e-4)
+    assert torch.allclose(one["normals"], many["normals"], atol=1e-4)
+    # Every compaction round queries at most ray_batch slots plus alignment padding.
+    assert all(n_alive * n_step <= 10 for n_alive, n_step in many["trace"])
+    assert many["samples"] <= 128 * len(many["trace"])
+
+
 def test_train_and_eval_paths_agree(sphere):
     rays = _rays(10)
     light = torch.tensor([0.0, 1.0, 0.0])

@@ -3,6 +3,7 @@ orbit, input preparation (crop, alpha, cameras) and bad inputs."""
 import math
 import os
 from importlib import import_module
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +385,116 @@ def test_orbit_on_a_path_and_bad_paths(genvs):
         ng.NVSGeNVSOrbit().orbit(genvs, _images(1), _cams(1), steps=2, path=_cams(1, radius=0.5))
     with pytest.raises(ValueError, match="path: the camera batch is empty"):
         ng.NVSGeNVSOrbit().orbit(genvs, _images(1), _cams(1), steps=2, path=_cams(2)[[]])
+
+
+# ----------------------------------------------------------------------------------------------- workflows
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+SCENE_SEED = 1_000_003          # a held-out procedural object (the demo model never saw it)
+MODELS_NOTE = (
+    "**Model** (loader): `{demo}` is the small GeNVS model bundled with the pack (32-px views, trained on the "
+    "pack's procedural objects: white background, cameras 2.6 units from the object with a 45 degree field of "
+    "view, poses relative to the first source). The published `genvs.pt` (SRN cars, 128-px views; "
+    "HF `JFoz/genvs-unofficial`) or converted `.safetensors` + `.json` files go in `ComfyUI/models/nvs/genvs/`; "
+    "for SRN-style cars use cameras 1.3 units from the object with a 52 degree field of view and 250 "
+    "stochastic steps (the published sampler).\n\n"
+    "Sources of any size are composited over white, centre-cropped to a square and resized; the crop is "
+    "reported in `info`. The scene must fit in the cube [-1, 1]^3 (after `scene_scale`) and cameras must be "
+    "outside it.")
+
+
+def build_workflows():
+    """The shipped GeNVS example workflows, built from the node definitions (run this module to rewrite them)."""
+    saved = ng.DEMO_PATH
+    ng.DEMO_PATH = Path(__file__)      # the demo entry is listed whether or not the model file is there yet
+    try:
+        return _build_workflows()
+    finally:
+        ng.DEMO_PATH = saved
+
+
+def _build_workflows():
+    from tests.ui_workflow import UIWorkflow
+
+    demo = ng.DEMO_CHOICE
+    out = {}
+    # novel views: render preview + sampling on cameras from the camera nodes, ground truth alongside
+    wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
+    loader = wf.add("NVSGeNVSLoader", (40, 40), size=(340, 200), model=demo)
+    src_cam = wf.add("NVSCamera", (40, 290), title="Source camera", size=(340, 220), elevation=20.0, azimuth=0.0,
+                     radius=2.6, fov=45.0, width=64, height=64)
+    scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 130),
+                   seed=SCENE_SEED, background="white", supersampling=2)
+    targets = wf.add("NVSOrbitCameras", (40, 740), title="Target cameras", size=(340, 260), count=6, elevation=20.0,
+                     azimuth_start=-90.0, azimuth_sweep=180.0, radius=2.6, fov=45.0, width=32, height=32)
+    render = wf.add("NVSGeNVSRender", (420, 40), size=(360, 200), seed=0)
+    sampler = wf.add("NVSGeNVSSampler", (420, 290), size=(360, 300), steps=50, stochastic=False, cfg=1.0, seed=0,
+                     batch_size=6, published_train_mode=False)
+    truth = wf.add("NVSProceduralScene", (420, 640), title="Ground truth at the targets", size=(360, 130),
+                   seed=SCENE_SEED, background="white", supersampling=2)
+    preview_src = wf.add("PreviewImage", (420, 820), title="Source", size=(360, 300))
+    preview_render = wf.add("PreviewImage", (820, 40), title="Render preview (features)", size=(420, 300))
+    preview_depth = wf.add("PreviewImage", (820, 380), title="Render preview (depth)", size=(420, 300))
+    save = wf.add("SaveImage", (1280, 40), title="Novel views", size=(460, 340), filename_prefix="NVS/genvs")
+    preview_truth = wf.add("PreviewImage", (1280, 420), title="Ground truth", size=(460, 300))
+    wf.add("MarkdownNote", (820, 720), title="Read me", size=(920, 300), text=(
+        "## GeNVS novel views\n\n" + MODELS_NOTE.format(demo=demo) + "\n\nThe render preview shows what the "
+        "network's NeRF sees at each target camera before any sampling (the first three feature channels and "
+        "the depth): an all-white preview means the camera looks away from the scene. Target *i* uses seed + *i*; "
+        "results do not depend on `batch_size`."))
+    for src, name, dst, slot in ((src_cam, "cameras", scene, "cameras"), (targets, "cameras", truth, "cameras"),
+                                 (loader, "genvs", render, "genvs"), (scene, "images", render, "source_images"),
+                                 (src_cam, "cameras", render, "source_cameras"),
+                                 (targets, "cameras", render, "target_cameras"),
+                                 (loader, "genvs", sampler, "genvs"), (scene, "images", sampler, "source_images"),
+                                 (src_cam, "cameras", sampler, "source_cameras"),
+                                 (targets, "cameras", sampler, "target_cameras"),
+                                 (scene, "images", preview_src, "images"),
+                                 (render, "features", preview_render, "images"),
+                                 (render, "depth", preview_depth, "images"), (sampler, "images", save, "images"),
+                                 (truth, "images", preview_truth, "images")):
+        wf.connect(src, name, dst, slot)
+    out["genvs_novel_views.json"] = wf.to_json()
+
+    # autoregressive orbit: the published circle around the source camera, frames saved, path previewed
+    wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
+    loader = wf.add("NVSGeNVSLoader", (40, 40), size=(340, 200), model=demo)
+    src_cam = wf.add("NVSCamera", (40, 290), title="Source camera", size=(340, 220), elevation=20.0, azimuth=0.0,
+                     radius=2.6, fov=45.0, width=64, height=64)
+    scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 130),
+                   seed=SCENE_SEED, background="white", supersampling=2)
+    orbit = wf.add("NVSGeNVSOrbit", (420, 40), size=(360, 330), steps=50, stochastic=False, cfg=1.0, seed=0,
+                   frames=11, published_train_mode=False, max_cached_volumes=8)
+    save = wf.add("SaveImage", (820, 40), title="Orbit frames", size=(520, 360), filename_prefix="NVS/genvs_orbit")
+    rig = wf.add("NVSCameraPreview", (420, 420), size=(360, 180), viewer_elevation=30.0, viewer_azimuth=30.0,
+                 frustum_scale=0.15)
+    preview_rig = wf.add("PreviewImage", (420, 650), title="Orbit path", size=(360, 320))
+    preview_src = wf.add("PreviewImage", (40, 740), title="Source", size=(340, 280))
+    wf.add("MarkdownNote", (820, 440), title="Read me", size=(520, 420), text=(
+        "## GeNVS autoregressive orbit\n\n" + MODELS_NOTE.format(demo=demo) + "\n\nViews are generated one at a "
+        "time (the published `sample_ar.py` schedule): each is conditioned on the sources, up to 4 earlier "
+        "generated views and the latest one, and then joins the pool. Without a `path` the orbit is the "
+        "published circle about the vertical axis through the first source camera (`frames` new views; the "
+        "source's own pose is skipped). Connect any NVS_CAMERA batch to `path` to follow it instead; the "
+        "`multiview` output carries the frames with their cameras."))
+    for src, name, dst, slot in ((src_cam, "cameras", scene, "cameras"), (loader, "genvs", orbit, "genvs"),
+                                 (scene, "images", orbit, "source_images"),
+                                 (src_cam, "cameras", orbit, "source_cameras"), (orbit, "frames", save, "images"),
+                                 (orbit, "path", rig, "cameras"), (rig, "image", preview_rig, "images"),
+                                 (scene, "images", preview_src, "images")):
+        wf.connect(src, name, dst, slot)
+    out["genvs_orbit.json"] = wf.to_json()
+    return out
+
+
+def test_example_workflows_are_the_built_ones():
+    import json
+
+    for name, data in build_workflows().items():
+        assert json.loads((WORKFLOWS / name).read_text()) == json.loads(json.dumps(data)), name
+
+
+if __name__ == "__main__":
+    import json
+
+    for name, data in build_workflows().items():
+        (WORKFLOWS / name).write_text(json.dumps(data, indent=1) + "\n")

@@ -358,10 +358,14 @@ class RealFusionField(nn.Module):
     def occupancy_threshold(self) -> float:
         return min(self.mean_density, self.config.density_thresh)
 
+    def occupied_cells(self) -> int:
+        """Number of set bits in the occupancy bitfield."""
+        bits = self.density_bitfield.long()
+        return int(sum(((bits >> i) & 1).sum() for i in range(8)))
+
     def occupancy_fraction(self) -> float:
         """Fraction of occupied cells in the bitfield."""
-        bits = torch.tensor([bin(i).count("1") for i in range(256)], device=self.density_bitfield.device)
-        return float(bits[self.density_bitfield.long()].sum()) / (self.density_bitfield.numel() * 8)
+        return self.occupied_cells() / (self.density_bitfield.numel() * 8)
 
     def extra_repr(self) -> str:
         return f"bound={self.bound}, grid_levels_mask={self.grid_levels_mask}, mean_density={self.mean_density:.4g}"

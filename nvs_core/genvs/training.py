@@ -576,6 +576,7 @@ def build_network(network: Dict[str, Any], seed: int, device="cpu") -> GeNVS:
 def ema_config(config: TrainConfig, step: int) -> Dict[str, Any]:
     return {"method": METHOD, "class": NETWORK_CLASS, "constructor": copy.deepcopy(config.network),
             "meta": {"source": "nvs_core.genvs.training", "step": step, "ema_decay": config.ema_decay,
+                     "scene_scale": 1.0,
                      "samples_seen": step * config.batch_size, "training": config.to_dict(),
                      "reproduce": config.reproduce}}
 

@@ -1,0 +1,177 @@
+"""NVS GeNVS Train: train a GeNVS network (published objective) on procedural scenes or an NVS_MULTIVIEW.
+
+Runs :func:`nvs_core.genvs.training.train` under ``torch.inference_mode(False)`` (ComfyUI executes nodes in
+inference mode) on cloned inputs, with ComfyUI's progress bar and interrupt; checkpoints go to the output
+folder (``nvs_genvs_training/<output_name>/``) and a run resumes from there; the EMA network is copied to
+``models/nvs/genvs/<output_name>.safetensors`` (+ ``.json``) for NVS GeNVS Loader.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+
+import torch
+
+from ..nvs_core.checkpoints import CheckpointError
+from ..nvs_core.genvs import training
+from ..nvs_core.genvs.config import full_config, tiny_config
+from ..nvs_core.multiview import MultiView
+
+from . import host
+from .common import MULTIVIEW, float_input, int_input, seed_input
+from .nodes_genvs import GENVS, METHOD, GeNVSModel
+from .nodes_vivid import _clone_views, _copy_atomic  # inputs as ordinary tensors; atomic file copies
+
+CATEGORY = "NVS/GeNVS"
+DATA_SOURCES = ["procedural", "multiview"]
+WARMUP_STEPS = 50   # linear learning-rate warm-up (the demo recipe's)
+
+
+def _tiny_network() -> dict:
+    cfg = tiny_config(image_size=16, render_size=8, decoder_channels=64, color_feat_dim=16, mapping_out=32,
+                      channels=(16, 32), self_attn=(False, True))
+    cfg.nerf.sigma_color_rank, cfg.nerf.hidden_dim = 4, 16
+    cfg.nerf.num_steps = cfg.nerf.upsample_steps = 8
+    cfg.validate()
+    return cfg.to_dict()
+
+
+TRAIN_NETWORKS = {
+    # The architecture of the bundled demo model (models/demo/genvs_procedural.safetensors): 32 px, ~7M parameters.
+    "demo 32px": copy.deepcopy(training.DEMO_NETWORK),
+    # A toy for trying the pipeline in a minute.
+    "tiny 16px": _tiny_network(),
+    # The published network (genvs.pt, 189M parameters, 128 px): a GPU job.
+    "full 128px": full_config().to_dict(),
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _output_name(name: str) -> str:
+    name = name.strip() if isinstance(name, str) else ""
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _NAME.match(name):
+        raise ValueError(f"output_name: {name!r} is not a plain file name; use letters, digits, '_', '-' and '.' "
+                         "(it becomes models/nvs/genvs/<output_name>.safetensors)")
+    return name
+
+
+class NVSGeNVSTrain:
+    DESCRIPTION = ("Train a GeNVS network with the published objective (diffusion loss with learned variance on the "
+                   "target view, RGB MSE of the NeRF render, opacity and depth terms, 10% unconditional drop, "
+                   "random affine augmentation with its 9-d conditioning; AdamW with per-module learning rates and "
+                   "cosine warm restarts; EMA of the weights). Each sample has 1-2 source views and one target: "
+                   "random procedural objects rendered on the fly, or views of a connected NVS_MULTIVIEW. "
+                   "Checkpoints go to the output folder (nvs_genvs_training/<output_name>/) and training resumes "
+                   "from there; the EMA network is copied to models/nvs/genvs/<output_name>.safetensors for NVS "
+                   "GeNVS Loader.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = (GENVS, "STRING")
+    RETURN_NAMES = ("genvs", "summary")
+    OUTPUT_TOOLTIPS = ("The trained (EMA) network, ready for NVS GeNVS Render / Sampler / Orbit.",
+                       "Steps, loss terms, time and the files written.")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "data_source": (DATA_SOURCES, {"default": "procedural", "tooltip": "procedural: endless random objects "
+                            "with exact cameras (white background, orbit radius 2.6, fov 45, 1-2 sources + one "
+                            "target per sample); multiview: views of the connected multiview input."}),
+            "network": (list(TRAIN_NETWORKS), {"default": "demo 32px", "tooltip": "Architecture and resolution: "
+                        "demo 32px (the pack's demo model, about an hour of CPU for a usable model), tiny 16px "
+                        "(a minute on a CPU), full 128px (the published network, 189M parameters: a GPU job)."}),
+            "steps": int_input(200, 1, 10_000_000, "Total optimizer steps (a resumed run continues up to this)."),
+            "learning_rate": float_input(0.001, 0.000001, 1.0, 0.00001, "Base learning rate of the encoder; the "
+                                         "NeRF gets 2x (published ratios), the denoiser denoiser_lr_ratio x. "
+                                         "Published: 0.0001 (with ratio 0.1)."),
+            "batch_size": int_input(6, 1, 4096, "Samples (1-2 sources + target) per step."),
+            "seed": seed_input("Seed of the initial weights and of every step's data, augmentation and noise."),
+            "output_name": ("STRING", {"default": "genvs_trained", "tooltip": "Name of the run and of the saved "
+                            "network models/nvs/genvs/<output_name>.safetensors."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint when there "
+                       "is one (same recipe needed); off starts over and overwrites it."}),
+        }, "optional": {
+            "multiview": (MULTIVIEW, {"tooltip": "Training views for data_source 'multiview' (at least 2 views; "
+                          "images are centre-cropped and resized, the first picked view's intrinsics are used)."}),
+            "denoiser_lr_ratio": float_input(1.0, 0.001, 100.0, 0.001, "Denoiser learning rate / learning_rate "
+                                             "(published 0.1; 1 trains a small model from scratch faster)."),
+            "restart_steps": int_input(1000, 1, 10_000_000, "Cosine warm-restart period in steps: the learning "
+                                       "rate falls from learning_rate to ~0 over this many steps, then restarts "
+                                       "(published: every 400 epochs). Set it to steps for one cosine."),
+            "checkpoint_every": int_input(100, 0, 1_000_000, "Save a resumable checkpoint every N steps (0: only "
+                                          "at the end and on interruption)."),
+        }}
+
+    def train(self, data_source, network, steps, learning_rate, batch_size, seed, output_name, resume,
+              multiview=None, denoiser_lr_ratio=1.0, restart_steps=1000, checkpoint_every=100):
+        name = _output_name(output_name)
+        if data_source not in DATA_SOURCES:
+            raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_source!r}")
+        if network not in TRAIN_NETWORKS:
+            raise ValueError(f"network must be one of {list(TRAIN_NETWORKS)}, got {network!r}")
+        for label, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
+                                  ("checkpoint_every", checkpoint_every, 0), ("restart_steps", restart_steps, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        for label, value in (("learning_rate", learning_rate), ("denoiser_lr_ratio", denoiser_lr_ratio)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
+        data = None
+        if data_source == "multiview":
+            if not isinstance(multiview, MultiView):
+                raise ValueError("multiview: data_source 'multiview' needs an NVS_MULTIVIEW connected (e.g. NVS Load "
+                                 "Multiview Folder or NVS Procedural Scene)")
+            if len(multiview) < 2:
+                raise ValueError(f"multiview: needs at least 2 views (sources + target), got {len(multiview)}")
+            data = _clone_views(multiview)
+            spec = {"kind": "multiview", "views": len(multiview), "size": list(multiview.images.shape[1:3])}
+        else:
+            spec = copy.deepcopy(training.DEMO_DATA)
+
+        device = host.compute_device()
+        run_dir = os.path.join(host.output_directory(), "nvs_genvs_training", name)
+        ratios = {"input_unet": 1.0, "nerf": 2.0, "ddpm_pipeline": float(denoiser_lr_ratio)}
+        config = training.TrainConfig(
+            network=copy.deepcopy(TRAIN_NETWORKS[network]), data=spec, total_steps=steps, batch_size=batch_size,
+            lr=float(learning_rate), lr_ratios=ratios, restart_steps=restart_steps,
+            warmup_steps=WARMUP_STEPS, ema_decay=0.995, seed=int(seed), out_dir=run_dir,
+            checkpoint_every=checkpoint_every, resume=bool(resume), device=str(device),
+            reproduce=f"ComfyUI node NVSGeNVSTrain ({network})")
+        terms = []
+        with torch.inference_mode(False):
+            try:
+                result = training.train(config, progress=host.progress_factory(),
+                                        callback=lambda info: terms.append(info["terms"]),
+                                        data=data)
+            except CheckpointError as exc:
+                raise ValueError(f"resume: {exc}") from None
+
+        folder = host.model_folders(METHOD)[0]
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, f"{name}.safetensors")
+        _copy_atomic(str(result.ema_path), target)
+        _copy_atomic(str(result.ema_path.with_suffix(".json")), os.path.join(folder, f"{name}.json"))
+        net = result.ema.to(device).train(False).requires_grad_(False)
+        model = GeNVSModel(net, f"{name}.safetensors", 1.0, {"format": "trained in this session"},
+                           first_source_frame=config.normalize_first_view)
+        recent = result.losses[-min(len(result.losses), 50):]
+        loss_text = f"{sum(recent) / len(recent):.4f} (mean of the last {len(recent)} steps)" if recent else "n/a"
+        if terms:
+            last = terms[-min(len(terms), 50):]
+            parts = ", ".join(f"{k} {sum(t[k] for t in last) / len(last):.4f}"
+                              for k in ("diffusion", "rgb", "opacity", "depth"))
+            loss_text += f"\nterms: {parts}"
+        summary = (f"GeNVS training '{name}': {network}, {data_source} data, step {result.step}/{steps} "
+                   f"({len(terms)} this run, {result.seconds:.1f} s), batch {batch_size}, lr {learning_rate:g}, "
+                   f"skipped non-finite steps {result.skipped}\nloss {loss_text}\nnetwork: {target}\n"
+                   f"checkpoint: {result.state_path}\ncameras: relative to the first source (camera_frame auto)")
+        return {"ui": {"text": [summary]}, "result": (model, summary)}
+
+
+NODE_CLASS_MAPPINGS = {"NVSGeNVSTrain": NVSGeNVSTrain}
+NODE_DISPLAY_NAME_MAPPINGS = {"NVSGeNVSTrain": "NVS GeNVS Train"}

@@ -12,3 +12,5 @@
 Facts and quirks: ``shared/research/seeds-viewneti-realfusion.md`` Part C and the golden README.
 """
 from .field import FieldConfig, RealFusionField, parameter_count  # noqa: F401
+from .loading import build_field, load_field, save_field  # noqa: F401
+from .renderer import render_cameras, render_rays  # noqa: F401

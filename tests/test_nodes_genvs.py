@@ -419,24 +419,24 @@ def _build_workflows():
     out = {}
     # novel views: render preview + sampling on cameras from the camera nodes, ground truth alongside
     wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
-    loader = wf.add("NVSGeNVSLoader", (40, 40), size=(340, 200), model=demo)
-    src_cam = wf.add("NVSCamera", (40, 290), title="Source camera", size=(340, 220), elevation=20.0, azimuth=0.0,
+    loader = wf.add("NVSGeNVSLoader", (40, 40), size=(340, 220), model=demo)
+    src_cam = wf.add("NVSCamera", (40, 300), title="Source camera", size=(340, 220), elevation=20.0, azimuth=0.0,
                      radius=2.6, fov=45.0, width=64, height=64)
-    scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 130),
+    scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 190),
                    seed=SCENE_SEED, background="white", supersampling=2)
-    targets = wf.add("NVSOrbitCameras", (40, 740), title="Target cameras", size=(340, 260), count=6, elevation=20.0,
+    targets = wf.add("NVSOrbitCameras", (40, 790), title="Target cameras", size=(340, 260), count=6, elevation=20.0,
                      azimuth_start=-90.0, azimuth_sweep=180.0, radius=2.6, fov=45.0, width=32, height=32)
-    render = wf.add("NVSGeNVSRender", (420, 40), size=(360, 200), seed=0)
-    sampler = wf.add("NVSGeNVSSampler", (420, 290), size=(360, 300), steps=50, stochastic=False, cfg=1.0, seed=0,
+    render = wf.add("NVSGeNVSRender", (420, 40), size=(360, 210), seed=0)
+    sampler = wf.add("NVSGeNVSSampler", (420, 290), size=(360, 320), steps=50, stochastic=False, cfg=1.0, seed=0,
                      batch_size=6, published_train_mode=False)
-    truth = wf.add("NVSProceduralScene", (420, 640), title="Ground truth at the targets", size=(360, 130),
+    truth = wf.add("NVSProceduralScene", (420, 650), title="Ground truth at the targets", size=(360, 190),
                    seed=SCENE_SEED, background="white", supersampling=2)
-    preview_src = wf.add("PreviewImage", (420, 820), title="Source", size=(360, 300))
+    preview_src = wf.add("PreviewImage", (420, 880), title="Source", size=(360, 280))
     preview_render = wf.add("PreviewImage", (820, 40), title="Render preview (features)", size=(420, 300))
     preview_depth = wf.add("PreviewImage", (820, 380), title="Render preview (depth)", size=(420, 300))
     save = wf.add("SaveImage", (1280, 40), title="Novel views", size=(460, 340), filename_prefix="NVS/genvs")
-    preview_truth = wf.add("PreviewImage", (1280, 420), title="Ground truth", size=(460, 300))
-    wf.add("MarkdownNote", (820, 720), title="Read me", size=(920, 300), text=(
+    preview_truth = wf.add("PreviewImage", (1280, 420), title="Ground truth", size=(460, 260))
+    wf.add("MarkdownNote", (820, 720), title="Read me", size=(920, 340), text=(
         "## GeNVS novel views\n\n" + MODELS_NOTE.format(demo=demo) + "\n\nThe render preview shows what the "
         "network's NeRF sees at each target camera before any sampling (the first three feature channels and "
         "the depth): an all-white preview means the camera looks away from the scene. Target *i* uses seed + *i*; "
@@ -457,10 +457,10 @@ def _build_workflows():
 
     # autoregressive orbit: the published circle around the source camera, frames saved, path previewed
     wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
-    loader = wf.add("NVSGeNVSLoader", (40, 40), size=(340, 200), model=demo)
-    src_cam = wf.add("NVSCamera", (40, 290), title="Source camera", size=(340, 220), elevation=20.0, azimuth=0.0,
+    loader = wf.add("NVSGeNVSLoader", (40, 40), size=(340, 220), model=demo)
+    src_cam = wf.add("NVSCamera", (40, 300), title="Source camera", size=(340, 220), elevation=20.0, azimuth=0.0,
                      radius=2.6, fov=45.0, width=64, height=64)
-    scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 130),
+    scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 190),
                    seed=SCENE_SEED, background="white", supersampling=2)
     orbit = wf.add("NVSGeNVSOrbit", (420, 40), size=(360, 330), steps=50, stochastic=False, cfg=1.0, seed=0,
                    frames=11, published_train_mode=False, max_cached_volumes=8)
@@ -468,7 +468,7 @@ def _build_workflows():
     rig = wf.add("NVSCameraPreview", (420, 420), size=(360, 180), viewer_elevation=30.0, viewer_azimuth=30.0,
                  frustum_scale=0.15)
     preview_rig = wf.add("PreviewImage", (420, 650), title="Orbit path", size=(360, 320))
-    preview_src = wf.add("PreviewImage", (40, 740), title="Source", size=(340, 280))
+    preview_src = wf.add("PreviewImage", (40, 790), title="Source", size=(340, 280))
     wf.add("MarkdownNote", (820, 440), title="Read me", size=(520, 420), text=(
         "## GeNVS autoregressive orbit\n\n" + MODELS_NOTE.format(demo=demo) + "\n\nViews are generated one at a "
         "time (the published `sample_ar.py` schedule): each is conditioned on the sources, up to 4 earlier "

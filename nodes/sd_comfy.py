@@ -159,6 +159,35 @@ def model_context_dim(model):
     return int(width) if width is not None else None
 
 
+def model_unet_config(model) -> dict:
+    """The UNet config of a MODEL (``context_dim``, ``model_channels``, ``channel_mult``, ``in_channels``, ...);
+    empty when the model does not say."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+    return dict(config) if isinstance(config, dict) else {}
+
+
+def set_guidance_scale(patched, scale: float) -> None:
+    """Guide a patched MODEL with ``scale`` whatever the sampler's cfg (in-model CFG on the denoised predictions:
+    uncond + scale (cond - uncond)); the unconditional chunk runs even at a sampler cfg of 1."""
+    def guidance(args):
+        return args["uncond"] + (args["cond"] - args["uncond"]) * scale
+
+    patched.set_model_sampler_cfg_function(guidance, disable_cfg1_optimization=True)
+
+
+def clip_vision_encoder(clip_vision):
+    """pixels (B, 3, S, S), already CLIP-normalised -> the projected image embeddings (B, D) of a ComfyUI
+    CLIP_VISION (what ``encode_image(...).image_embeds`` gives, without its own resize/crop)."""
+    def encode(pixels):
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(clip_vision.patcher)
+        out = clip_vision.model(pixel_values=pixels.to(clip_vision.load_device).float(), intermediate_output=-2)
+        return out[2].float().to(pixels.device)
+
+    return encode
+
+
 def prediction_type_of(model) -> str:
     import comfy.model_sampling
 

@@ -34,7 +34,7 @@ class UIWorkflow:
             for name, decl in inputs.get(section, {}).items():
                 opts = decl[1] if len(decl) > 1 else {}
                 if _is_widget(decl):
-                    default = opts.get("default", decl[0][0] if isinstance(decl[0], list) else None)
+                    default = opts.get("default", decl[0][0] if isinstance(decl[0], list) and decl[0] else None)
                     values.append(widgets.pop(name, default))
                     if opts.get("control_after_generate"):
                         values.append("fixed")

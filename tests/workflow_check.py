@@ -22,6 +22,7 @@ CORE_NODES = {
                   "extra_widgets": 1},  # the upload button's value
     "CheckpointLoaderSimple": {"inputs": {"required": {"ckpt_name": ("COMBO_ANY", {})}},
                                "outputs": ("MODEL", "CLIP", "VAE")},
+    "CLIPVisionLoader": {"inputs": {"required": {"clip_name": ("COMBO_ANY", {})}}, "outputs": ("CLIP_VISION",)},
     "KSampler": {"inputs": {"required": {
         "model": ("MODEL", {}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),

@@ -56,6 +56,7 @@ OVERRIDES = {
     "NVSGeNVSSampler": lambda tmp: {"steps": 2},
     "NVSGeNVSOrbit": lambda tmp: {"steps": 2, "frames": 2},
     "NVSLoadDTUScan": lambda tmp: {"root": str(_tiny_dtu_root(tmp))},
+    "NVSAdapterLoader": lambda tmp: {"adapter": str(_tiny_nvsadapter_file(tmp))},
     "NVSViewNeTILoader": lambda tmp: {"view_mapper": str(GOLDEN_DIR / "viewneti/checkpoints/mapper-steps-10_view.pt"),
                                       "dtu_calibration": str(GOLDEN_DIR / "viewneti/cal18_synthetic")},
 }
@@ -65,6 +66,12 @@ def _tiny_vivid_file(tmp):
     from tests.test_nodes_vivid import BASE, save_tiny
 
     return save_tiny(tmp, "vivid-tiny.safetensors", BASE)
+
+
+def _tiny_nvsadapter_file(tmp):
+    from tests.test_nodes_nvsadapter import save_tiny
+
+    return save_tiny(tmp)
 
 
 def _tiny_genvs_file(tmp):

@@ -18,6 +18,8 @@ def main(argv=None) -> int:
                                        "the copy-source baseline (uses the bundled demo model)")
     demo.add_argument("--out", required=True, help="output folder")
     demo.add_argument("--seed", type=int, default=3, help="procedural scene seed")
+    demo.add_argument("--method", choices=["vivid", "genvs"], default="vivid",
+                      help="which bundled demo model (genvs: models/demo/genvs_procedural.safetensors)")
     demo.set_defaults(func=_run_demo)
 
     convert.add_cli(sub)
@@ -30,6 +32,11 @@ def main(argv=None) -> int:
 
 
 def _run_demo(args) -> int:
+    if getattr(args, "method", "vivid") == "genvs":
+        from .genvs.demo import run as run_genvs
+
+        run_genvs(args.out, seed=args.seed)
+        return 0
     from .demo import run
 
     run(args.out, seed=args.seed)

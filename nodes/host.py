@@ -96,6 +96,23 @@ def progress_factory() -> ProgressFactory:
     return make
 
 
+def preview_sender(total: int):
+    """``send(done, image)`` showing ``image`` ([H, W, 3] float 0..1) as the node's progress preview in
+    ComfyUI (``ProgressBar`` preview); None outside the host."""
+    utils = _optional("comfy.utils")
+    if utils is None or _optional("comfy.model_management") is None:
+        return None
+    bar = utils.ProgressBar(total)
+
+    def send(done: int, image: torch.Tensor) -> None:
+        from PIL import Image
+
+        pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        bar.update_absolute(done, total, ("JPEG", Image.fromarray(pixels), 512))
+
+    return send
+
+
 # ------------------------------------------------------------------ model folders
 def _fallback_models_root() -> str:
     return os.environ.get("NVS_MODELS_DIR", os.path.join(os.getcwd(), "models", "nvs"))

@@ -38,6 +38,9 @@ def _example(kind: str):
     if kind == "NVS_VIVID":  # tiny random base + guidance + SR nets, in memory
         from tests.test_nodes_vivid import tiny_vivid_models
         return tiny_vivid_models()
+    if kind == "NVS_FIELD":  # a tiny random RealFusion field with its occupancy grid
+        from tests.test_nodes_realfusion import tiny_field
+        return tiny_field()
     if kind == "NVS_GENVS":  # a tiny random GeNVS network, in memory
         from tests.test_nodes_genvs import tiny_genvs_model
         return tiny_genvs_model()
@@ -56,6 +59,7 @@ OVERRIDES = {
     "NVSGeNVSSampler": lambda tmp: {"steps": 2},
     "NVSGeNVSOrbit": lambda tmp: {"steps": 2, "frames": 2},
     "NVSLoadDTUScan": lambda tmp: {"root": str(_tiny_dtu_root(tmp))},
+    "NVSFieldLoader": lambda tmp: {"field_file": str(_tiny_field_file(tmp))},
     "NVSAdapterLoader": lambda tmp: {"adapter": str(_tiny_nvsadapter_file(tmp))},
     "NVSViewNeTILoader": lambda tmp: {"view_mapper": str(GOLDEN_DIR / "viewneti/checkpoints/mapper-steps-10_view.pt"),
                                       "dtu_calibration": str(GOLDEN_DIR / "viewneti/cal18_synthetic")},
@@ -78,6 +82,12 @@ def _tiny_genvs_file(tmp):
     from tests.test_nodes_genvs import save_tiny
 
     return save_tiny(tmp / "genvs-tiny.safetensors")
+
+
+def _tiny_field_file(tmp):
+    from tests.test_nodes_realfusion import save_tiny
+
+    return save_tiny(tmp / "field-tiny.safetensors")
 
 
 def _tiny_dtu_root(tmp):

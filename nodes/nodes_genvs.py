@@ -358,6 +358,16 @@ def _to_image(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).contiguous().to(host.intermediate_device())
 
 
+def _source_inputs() -> dict:
+    return {
+        "genvs": (GENVS, {"tooltip": "Model from NVS GeNVS Loader."}),
+        "source_images": ("IMAGE", {"tooltip": "Source views (any size; centre-cropped to a square, RGBA over "
+                          "white), one per source camera."}),
+        "source_cameras": (CAMERA, {"tooltip": "The cameras of the source images, in order (one shared field of "
+                           "view)."}),
+    }
+
+
 # --------------------------------------------------------------------------------------------- render
 def depth_image(depth: torch.Tensor, opacity: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[float, float]]]:
     """Expected depth (N,1,H,W) -> a viewable map: near white, far dark, background black; the depth range."""
@@ -388,11 +398,7 @@ class NVSGeNVSRender:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "genvs": (GENVS, {"tooltip": "Model from NVS GeNVS Loader."}),
-            "source_images": ("IMAGE", {"tooltip": "Source views (any size; centre-cropped to a square, RGBA over "
-                              "white), one per source camera."}),
-            "source_cameras": (CAMERA, {"tooltip": "The cameras of the source images, in order (one shared field of "
-                               "view)."}),
+            **_source_inputs(),
             "target_cameras": (CAMERA, {"tooltip": "Cameras to render, one preview each."}),
             "size": int_input(0, 0, 512, "Render size in pixels; 0 = the model's render size (the grid the denoiser "
                               "is conditioned on)."),
@@ -433,8 +439,8 @@ class NVSGeNVSRender:
                 + (f"depth {rng[0]:.3g} (white) .. {rng[1]:.3g} (dark)" if rng else "depth: no ray hits the scene")
                 + _miss_text(misses) + f"\n{genvs.device}, {time.perf_counter() - started:.1f} s")
         opacity = o[:, 0].detach().to("cpu", torch.float32).clamp(0, 1).to(host.intermediate_device())
-        return {"ui": {"text": [info]}, "result": (_to_image(f[:, :3].clamp(0, 1)), _to_image(depth.expand(-1, 3, -1, -1)),
-                                                   opacity, info)}
+        features = _to_image(f[:, :3].clamp(0, 1))
+        return {"ui": {"text": [info]}, "result": (features, _to_image(depth.expand(-1, 3, -1, -1)), opacity, info)}
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -468,11 +474,7 @@ class NVSGeNVSSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "genvs": (GENVS, {"tooltip": "Model from NVS GeNVS Loader."}),
-            "source_images": ("IMAGE", {"tooltip": "Source views (any size; centre-cropped to a square, RGBA over "
-                              "white), one per source camera."}),
-            "source_cameras": (CAMERA, {"tooltip": "The cameras of the source images, in order (one shared field of "
-                               "view)."}),
+            **_source_inputs(),
             "target_cameras": (CAMERA, {"tooltip": "Cameras to generate, one image each."}),
             **_sampling_inputs(),
             "batch_size": int_input(4, 1, 256, "Target views through the denoiser together (memory vs speed); results "
@@ -550,11 +552,7 @@ class NVSGeNVSOrbit:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "genvs": (GENVS, {"tooltip": "Model from NVS GeNVS Loader."}),
-            "source_images": ("IMAGE", {"tooltip": "Source views (any size; centre-cropped to a square, RGBA over "
-                              "white), one per source camera."}),
-            "source_cameras": (CAMERA, {"tooltip": "The cameras of the source images, in order (one shared field of "
-                               "view)."}),
+            **_source_inputs(),
             **_sampling_inputs(),
             "frames": int_input(8, 1, 1000, "Frames of the built-in circle (used when no path is connected): the "
                                 "circle through the first source camera split into frames + 1 poses, the source's "

@@ -378,9 +378,9 @@ def test_orbit_on_a_path_and_bad_paths(genvs):
                                                              path=path)["result"]
     assert frames.shape == (3, 8, 8, 3) and torch.allclose(out_path.c2w, path.c2w, atol=1e-4)
     assert "path of 3 cameras" in info
+    mixed = cam.Cameras.cat([_cams(1, 0.4), cam.orbit(1, 0.2, 1.0, 1.0, RADIUS, 0.5, 32, 32)])
     with pytest.raises(ValueError, match="path: the cameras have different intrinsics"):
-        ng.NVSGeNVSOrbit().orbit(genvs, _images(1), _cams(1), steps=2,
-                                 path=cam.Cameras.cat([_cams(1, 0.4), cam.orbit(1, 0.2, 1.0, 1.0, RADIUS, 0.5, 32, 32)]))
+        ng.NVSGeNVSOrbit().orbit(genvs, _images(1), _cams(1), steps=2, path=mixed)
     with pytest.raises(ValueError, match="path: camera 0 is inside the scene cube"):
         ng.NVSGeNVSOrbit().orbit(genvs, _images(1), _cams(1), steps=2, path=_cams(1, radius=0.5))
     with pytest.raises(ValueError, match="path: the camera batch is empty"):

@@ -540,7 +540,10 @@ class NVSGeNVSOrbit:
                    "(drawn with Python's random seeded 123) and the latest one; every generated view joins the "
                    "conditioning pool. Without a path, the published circle: frames poses turning about the "
                    "vertical axis through the origin, starting next to the first source camera. Each view is "
-                   "encoded once and cached, so the cost per frame does not grow with the orbit.")
+                   "encoded once and cached, so the cost per frame does not grow with the orbit, and memory stays "
+                   "bounded for any path length: at most max_cached_volumes volumes on the device and "
+                   f"{MAX_OFFLOADED_VOLUMES} in host memory; others are re-encoded when the schedule needs them "
+                   "again (same result).")
     CATEGORY = CATEGORY
     FUNCTION = "orbit"
     RETURN_TYPES = ("IMAGE", CAMERA, MULTIVIEW, "STRING")

@@ -55,8 +55,8 @@ from ..cameras import Cameras
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
-from ..vivid.data import TRAIN_SEEDS, centre_square
-from ..vivid.training import LossProgress, force_finite_, step_generator
+from ..vivid.data import TRAIN_SEEDS, _randint, _uniform, centre_square
+from ..vivid.training import LossProgress, _report_loss, force_finite_, step_generator
 from .cameras import to_genvs
 from .config import GeNVSConfig, NOISE_CONFIGS, SAMPLE_DENSITIES, tiny_config
 from .encoder import preprocess
@@ -211,14 +211,6 @@ class ViewBatch:
     def stack(items: Sequence["ViewBatch"]) -> "ViewBatch":
         return ViewBatch(*(torch.cat([getattr(b, f) for b in items]) for f in
                            ("images", "poses", "intrinsics", "camera_k", "camera_d")))
-
-
-def _uniform(generator: torch.Generator, low: float, high: float, count: int = 1) -> torch.Tensor:
-    return low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
-
-
-def _randint(generator: torch.Generator, high: int) -> int:
-    return int(torch.randint(high, (1,), generator=generator))
 
 
 def views_to_sample(images01: torch.Tensor, cameras: Cameras, size: int, render_size: int,
@@ -655,13 +647,6 @@ class TrainResult:
     skipped: int = 0
     ema_path: Optional[Path] = None
     state_path: Optional[Path] = None
-
-
-def _report_loss(bar, desc: str, loss: float) -> None:
-    bar.desc = f"{desc} (loss {loss:.4f})"
-    set_postfix = getattr(bar, "set_postfix", None)
-    if set_postfix is not None:
-        set_postfix(loss)
 
 
 def train_step(model: GeNVS, optimizer: torch.optim.Optimizer, batch: ViewBatch, draws: StepDraws,

@@ -122,7 +122,7 @@ def _photo(image: torch.Tensor, mask) -> torch.Tensor:
         mask = check_mask(mask, "mask", 1, image.shape[1], image.shape[2])[0]
         # ComfyUI's LoadImage gives MASK = 1 - alpha (1 on the background); accept both, say which
         border = torch.cat([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
-        if float(border.float().mean()) > 0.5:
+        if float(border.float().mean()) > 0.5 and float(mask.min()) < 0.5:
             log.info("mask: background is 1 (LoadImage's inverted alpha); using 1 - mask as the silhouette")
             mask = 1 - mask
     try:
@@ -144,6 +144,9 @@ class NVSRealFusionReconstruct:
     OUTPUT_TOOLTIPS = ("The fitted radiance field (live weights, as the published df.pth).",
                        "The field rendered from the input camera at the end.",
                        "Losses, NaN counts and where the run is saved.")
+
+    FIELD_CONFIG = FieldConfig()  # the published field (1,806,983 parameters)
+    TRAIN_OVERRIDES: dict = {}    # extra TrainConfig values (tests use a tiny, fast setup)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -205,7 +208,7 @@ class NVSRealFusionReconstruct:
         run_dir = os.path.join(host.output_directory(), "nvs_realfusion", name)
         config = TrainConfig(preset=preset, iters=iterations, seed=int(seed), synthetic_size=int(render_size),
                              multiview_weight=float(multiview_weight), preview_every=int(preview_every),
-                             checkpoint_every=500)
+                             checkpoint_every=500, **self.TRAIN_OVERRIDES)
         config.input_view.size = int(input_size)
         sds_config = SDSConfig(guidance_scale=float(guidance_scale), resolution=int(sds_resolution))
         send = host.preview_sender(iterations)
@@ -218,7 +221,7 @@ class NVSRealFusionReconstruct:
 
         with torch.inference_mode(False):
             guidance = self.guidance(model, clip, vae, prompt.strip(), sds_config, device)
-            field = RealFusionField(FieldConfig()).to(device)
+            field = RealFusionField(self.FIELD_CONFIG).to(device)
             views = _clone_multiview(multiview) if multiview is not None else None
             try:
                 result = train(field, rgba=rgba, multiview=views, guidance=guidance, config=config, device=device,

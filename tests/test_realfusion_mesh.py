@@ -166,3 +166,13 @@ def test_vertex_colour_obj(ball, tmp_path):
     mesh = rm.export_mesh(ball, tmp_path / "plain.obj", resolution=20)
     loaded = trimesh.load(tmp_path / "plain.obj", force="mesh", process=False)
     assert len(loaded.faces) == len(mesh.faces)
+
+
+def test_outside_box_shortcut_is_exact():
+    torch.manual_seed(1)
+    field = RealFusionField(FieldConfig(**TINY), grid_levels_mask=0)
+    with torch.no_grad():
+        field.encoder.embeddings.uniform_(-0.5, 0.5)
+    points = torch.rand(3000, 3) * 2.4 - 1.2  # inside and outside the 0.75 box
+    torch.testing.assert_close(rm._sigma(field, points, 512), field.density(points)["sigma"].detach(),
+                               rtol=1e-5, atol=1e-6)

@@ -92,6 +92,32 @@ def _query(field: RealFusionField, points: torch.Tensor, key: str, chunk: int) -
     return torch.cat(out) if out else points.new_zeros((0,))
 
 
+def _uses_published_forward(field: RealFusionField) -> bool:
+    return (type(field).common_forward is RealFusionField.common_forward and "density" not in vars(field)
+            and type(field).density is RealFusionField.density)
+
+
+@torch.no_grad()
+def _sigma(field: RealFusionField, points: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sigma at points; outside the +-bound box the grid gives zero features, so there sigma is
+    ``trunc_exp(mlp(0)[0] + blob(x))`` and only points inside the box go through the grid (exact)."""
+    if not _uses_published_forward(field):
+        return _query(field, points, "sigma", chunk)
+    from .field import trunc_exp
+    from .grid import inside_unit_cube, normalise_points
+
+    inside = inside_unit_cube(normalise_points(points.float(), field.bound))
+    sigma = torch.empty(points.shape[0], dtype=torch.float32)
+    if inside.any():
+        sigma[inside] = _query(field, points[inside], "sigma", chunk)
+    if (~inside).any():
+        parameter = next(field.parameters())
+        h0 = field.sigma_net(torch.zeros(1, field.in_dim, device=parameter.device, dtype=parameter.dtype))[0, 0]
+        outside = points[~inside].to(device=parameter.device, dtype=parameter.dtype)
+        sigma[~inside] = trunc_exp(h0 + field.gaussian(outside)).float().cpu()
+    return sigma
+
+
 @torch.no_grad()
 def density_volume(field: RealFusionField, resolution: int = DEFAULT_RESOLUTION, extent: float = 1.0,
                    chunk: int = 1 << 18, progress: Optional[Callable[[int, int], None]] = None,
@@ -110,7 +136,7 @@ def density_volume(field: RealFusionField, resolution: int = DEFAULT_RESOLUTION,
             interrupt()
         xs = axis[start:start + slabs]
         pts = torch.cat([xs.repeat_interleave(yz.shape[0])[:, None], yz.repeat(len(xs), 1)], dim=1)
-        sigma = _query(field, pts, "sigma", chunk)
+        sigma = _sigma(field, pts, chunk)
         volume[start:start + len(xs)] = sigma.reshape(len(xs), r, r).numpy()
         if progress is not None:
             progress(min(start + slabs, r), r)

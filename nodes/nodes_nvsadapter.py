@@ -176,6 +176,9 @@ def _mask(reference_image, reference_mask, mask_meaning, box) -> Optional[torch.
     height, width = reference_image.shape[1:3]
     if reference_mask is not None:
         mask = reference_mask[None] if reference_mask.ndim == 2 else reference_mask
+        nothing_masked = 0.0 if mask_meaning == MASK_MEANINGS[0] else 1.0
+        if mask.numel() and bool((mask == nothing_masked).all()):
+            return None  # e.g. LoadImage's 64x64 zeros for a photo without transparency: nothing to mask
         if mask.ndim != 3 or mask.shape[0] != 1 or tuple(mask.shape[1:]) != (height, width):
             raise ValueError(f"reference_mask: expected one {height}x{width} mask for the reference image, got shape "
                              f"{tuple(reference_mask.shape)}")

@@ -207,6 +207,10 @@ def test_sampler_masks_crops_and_interrupts(host, monkeypatch):
     assert torch.equal(from_alpha["result"][0], from_mask["result"][0])
     assert torch.equal(from_alpha["result"][0], as_object["result"][0])
     assert "centre crop 64x64 at x=10, y=0" in from_mask["ui"]["text"][0]
+    plain = Sampler().sample(**(args | dict(reference_image=rgba[..., :3])), steps=1)
+    no_alpha = Sampler().sample(**(args | dict(reference_image=rgba[..., :3], reference_mask=torch.zeros(1, 64, 64))),
+                                steps=1)  # LoadImage's mask of a photo without transparency
+    assert torch.equal(plain["result"][0], no_alpha["result"][0]) and "no mask" in no_alpha["ui"]["text"][0]
     assert "background made white" in from_mask["ui"]["text"][0]
     progress = _core("progress")
 
@@ -265,7 +269,7 @@ def test_apply_patches_for_stock_samplers(host):
     (dict(reference_mask=torch.zeros(1, RES, RES), mask_meaning="1 = object"),
      r"reference_mask: the mask leaves no object pixel \(1 = object\)"),
     (dict(reference_mask=torch.ones(1, RES, RES)), r"reference_mask: the mask leaves no object pixel \(1 = background\)"),
-    (dict(reference_mask=torch.ones(1, 8, 8)), "reference_mask: expected one 64x64 mask"),
+    (dict(reference_mask=torch.eye(8)), "reference_mask: expected one 64x64 mask"),
 ])
 def test_bad_inputs(host, change, message):
     with pytest.raises(ValueError, match=message):

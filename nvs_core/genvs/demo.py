@@ -48,6 +48,28 @@ def load_demo_model(path: Optional[PathLike] = None, device=None) -> GeNVS:
     return load_genvs(path, device=device)
 
 
+def export_demo_model(network_file: PathLike, target: Optional[PathLike] = None, min_half: int = 4096) -> Path:
+    """Write the demo model from a training run's ``network-ema.safetensors``: tensors with more than
+    ``min_half`` elements as float16 (the committed file stays under 20 MB), the rest (norm buffers, the
+    Fourier buffer, biases) as float32; the loader returns float32 either way. The JSON meta keeps the
+    run's own (``reproduce``: the training command) and records this step in ``export``."""
+    from ..checkpoints import load_with_config, save_with_config
+
+    network_file = Path(network_file)
+    target = Path(target) if target is not None else DEMO_MODEL_PATH
+    tensors, config = load_with_config(network_file)
+    if config.get("method") != "genvs":
+        raise ValueError(f"{network_file}: expected a GeNVS network file, got method {config.get('method')!r}")
+    out = {k: (v.to(torch.float16) if v.is_floating_point() and v.numel() > min_half else v.to(torch.float32))
+           for k, v in tensors.items()}
+    meta = dict(config.get("meta", {}))
+    meta.setdefault("scene_scale", 1.0)
+    meta["export"] = (f"python -c \"from nvs_core.genvs.demo import export_demo_model; "
+                      f"export_demo_model('{network_file}')\"  (tensors over {min_half} elements as float16)")
+    save_with_config(target, out, {**config, "meta": meta})
+    return target
+
+
 def relative_cameras(source: Cameras, targets: Cameras, render_size: int):
     """(source, targets) as GeNVS cameras, normalised so the source is identity at (0, 0, |t|)."""
     both = to_genvs(Cameras.cat([source, targets]), render_size, normalize=True)
@@ -71,7 +93,7 @@ def _render_rgb(features: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_evalset(model: GeNVS, evalset: EvalSet, steps: int = DEMO_STEPS, stochastic: bool = False,
-                   seed: int = 0, progress: Optional[ProgressFactory] = None) -> Dict[str, torch.Tensor]:
+                   seed: int = 0, cfg: float = 1.0, progress: Optional[ProgressFactory] = None) -> Dict[str, torch.Tensor]:
     """Generated views and NeRF RGB renders, IMAGE [B, S, S, 3], for every pair of ``evalset``."""
     per = len(evalset.targets) // len(evalset.sources)
     size = model.config.diffusion_size
@@ -82,7 +104,7 @@ def sample_evalset(model: GeNVS, evalset: EvalSet, steps: int = DEMO_STEPS, stoc
             source, targets = relative_cameras(evalset.sources[[k]], evalset.targets[list(range(k * per, (k + 1) * per))],
                                                model.config.render_size)
             out = generate_views(model, src_img, source, targets, steps=steps, stochastic=stochastic, seed=seed + k,
-                                 progress=shared(bar))
+                                 cfg=cfg, progress=shared(bar))
             images = out["images"]
             if images.shape[-1] != evalset.pairs.dst.shape[-1]:
                 raise ValueError(f"the model samples {size}-px views but the evaluation set is "
@@ -93,9 +115,10 @@ def sample_evalset(model: GeNVS, evalset: EvalSet, steps: int = DEMO_STEPS, stoc
 
 
 def evaluate(model: GeNVS, evalset: EvalSet, steps: int = DEMO_STEPS, stochastic: bool = False, seed: int = 0,
-             progress: Optional[ProgressFactory] = None) -> Dict[str, object]:
-    """Model vs copy-source (and the NeRF RGB render) PSNR/SSIM; also returns the generated ``views``."""
-    out = sample_evalset(model, evalset, steps, stochastic, seed, progress)
+             cfg: float = 1.0, progress: Optional[ProgressFactory] = None) -> Dict[str, object]:
+    """Model vs copy-source (and the NeRF RGB render) PSNR/SSIM; also returns the generated ``views``.
+    Object k's targets are sampled with seed ``seed + k`` (deterministic Euler by default)."""
+    out = sample_evalset(model, evalset, steps, stochastic, seed, cfg, progress)
     truth = from_model_space(evalset.pairs.dst)
     source = from_model_space(evalset.pairs.src)
     result = {"model": image_metrics(out["views"], truth), "copy_source": image_metrics(source, truth),

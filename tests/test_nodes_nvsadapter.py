@@ -360,10 +360,10 @@ def build_workflows():
     for a, b, dst in ((cams[0], cams[1], batch1), (batch1, cams[2], batch2), (batch2, cams[3], batch3)):
         wf.connect(a, "cameras", dst, "cameras")
         wf.connect(b, "cameras", dst, "cameras_2")
-    rig = wf.add("NVSCameraPreview", (760, 400), title="Camera rig", size=(300, 160), viewer_elevation=30.0,
+    rig = wf.add("NVSCameraPreview", (760, 520), title="Camera rig", size=(300, 160), viewer_elevation=30.0,
                  viewer_azimuth=30.0, frustum_scale=0.15)
-    rig_preview = wf.add("PreviewImage", (760, 600), title="Reference and targets", size=(300, 300))
-    rig_batch = wf.add("NVSCameraBatch", (760, 940), title="Reference + targets", size=(300, 80), select="")
+    rig_preview = wf.add("PreviewImage", (760, 730), title="Reference and targets", size=(300, 300))
+    rig_batch = wf.add("NVSCameraBatch", (760, 400), title="Reference + targets", size=(300, 80), select="")
     wf.connect(ref, "cameras", rig_batch, "cameras")
     wf.connect(batch3, "cameras", rig_batch, "cameras_2")
     wf.connect(rig_batch, "cameras", rig, "cameras")
@@ -388,7 +388,7 @@ def build_workflows():
     save2 = wf.add("SaveImage", (1880, 500), title="Novel views (KSampler)", size=(420, 380),
                    filename_prefix="NVS/nvs_adapter_ksampler")
     wf.connect(decode, "IMAGE", save2, "images")
-    wf.add("MarkdownNote", (40, 1080), title="Read me", size=(1020, 360), text=(
+    wf.add("MarkdownNote", (40, 1080), title="Read me", size=(1020, 260), text=(
         "## NVS-Adapter: four novel views of one photo\n\n" + MODELS_NOTE + "\n\nTop: **NVS-Adapter Sampler**, "
         "the published 50-step Euler with in-model CFG (scale 3; the demo used 11), the four targets generated "
         "jointly. Bottom: the same views through **NVS-Adapter Apply** + ComfyUI's KSampler (any sampler; euler + "
@@ -399,18 +399,18 @@ def build_workflows():
     # orbit frames: 16 views around the object, generated 4 at a time with the same reference
     wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
     ckpt, vision, loader, image, ref = common(wf)
-    orbit = wf.add("NVSOrbitCameras", (420, 40), title="Orbit", size=(320, 260), count=16, elevation=15.0,
+    orbit = wf.add("NVSOrbitCameras", (420, 40), title="Orbit", size=(320, 280), count=16, elevation=15.0,
                    azimuth_start=0.0, azimuth_sweep=360.0, radius=1.5, fov=49.1, width=256, height=256)
-    rig = wf.add("NVSCameraPreview", (420, 340), title="Orbit path", size=(320, 160), viewer_elevation=30.0,
+    rig = wf.add("NVSCameraPreview", (420, 370), title="Orbit path", size=(320, 160), viewer_elevation=30.0,
                  viewer_azimuth=30.0, frustum_scale=0.15)
-    rig_preview = wf.add("PreviewImage", (420, 540), title="Orbit path", size=(320, 300))
+    rig_preview = wf.add("PreviewImage", (420, 580), title="Orbit path preview", size=(320, 300))
     wf.connect(orbit, "cameras", rig, "cameras")
     wf.connect(rig, "image", rig_preview, "images")
     sampler = wf.add("NVSAdapterSampler", (780, 40), size=(380, 420), cfg=3.0, steps=50, seed=777, views_per_batch=4)
     wire(wf, ckpt, vision, loader, image, ref, orbit, sampler)
     save = wf.add("SaveImage", (1200, 40), title="Orbit frames", size=(520, 420), filename_prefix="NVS/nvs_adapter_orbit")
     wf.connect(sampler, "images", save, "images")
-    wf.add("MarkdownNote", (420, 900), title="Read me", size=(1300, 300), text=(
+    wf.add("MarkdownNote", (780, 500), title="Read me", size=(940, 300), text=(
         "## NVS-Adapter: orbit frames\n\n" + MODELS_NOTE + "\n\n16 frames around the object at elevation 15, "
         "generated 4 at a time (`views_per_batch`, as the released model was trained); every group sees the same "
         "reference photo, so frames of different groups are not jointly consistent. The frames are saved in orbit "

@@ -141,9 +141,10 @@ def _common_inputs(extra: Optional[dict] = None) -> dict:
 class _Prepared:
     """The checked inputs shared by Apply and the Sampler."""
 
-    def __init__(self, adapter, backend, reference, alpha, ref_camera, targets, embedding, text, crop, resolution):
+    def __init__(self, adapter, backend, reference, alpha, prepared, ref_camera, targets, embedding, text, crop,
+                 resolution):
         self.adapter, self.backend = adapter, backend
-        self.reference, self.alpha = reference, alpha
+        self.reference, self.alpha, self.prepared = reference, alpha, prepared
         self.reference_camera, self.target_cameras = ref_camera, targets
         self.embedding, self.text, self.crop, self.resolution = embedding, text, crop, resolution
 
@@ -246,8 +247,8 @@ def _prepare(model, clip, vae, clip_vision, nvs_adapter, reference_image, refere
                          f"2.1 OpenCLIP text encoder ({nvs_adapter.config.context_dim})")
     ref_camera, _ = crop_cameras(reference_camera)
     targets, _ = crop_cameras(target_cameras)
-    return _Prepared(nvs_adapter, backend, pixels.cpu(), None if alpha is None else alpha.cpu(), ref_camera,
-                     targets, embedding, text, box, resolution)
+    return _Prepared(nvs_adapter, backend, pixels.cpu(), None if alpha is None else alpha.cpu(), prepared,
+                     ref_camera, targets, embedding, text, box, resolution)
 
 
 def _describe(p: _Prepared) -> str:
@@ -289,8 +290,7 @@ class NVSAdapterApply:
         p = _prepare(model, clip, vae, clip_vision, nvs_adapter, reference_image, reference_camera, target_cameras,
                      cfg, reference_mask, mask_meaning, resolution, focal)
         with torch.no_grad():
-            reference = prepare_reference(p.reference, p.alpha, p.resolution)
-            latents = p.backend.encode_images(reference, sample=False).float()  # model space (scaled)
+            latents = p.backend.encode_images(p.prepared, sample=False).float()  # model space (scaled)
         side = latents.shape[-1]
         rays = rays_context_for_cameras(p.reference_camera, p.target_cameras, p.resolution, p.resolution // side,
                                         focal)

@@ -203,7 +203,6 @@ class NVSRealFusionReconstruct:
             if not isinstance(multiview, MultiView):
                 raise ValueError(f"multiview: expected an NVS_MULTIVIEW, got {type(multiview).__name__}")
         name = _name(run_name, "run_name")
-        rgba = _photo(image, mask)
         device = host.compute_device()
         run_dir = os.path.join(host.output_directory(), "nvs_realfusion", name)
         config = TrainConfig(preset=preset, iters=iterations, seed=int(seed), synthetic_size=int(render_size),
@@ -219,7 +218,8 @@ class NVSRealFusionReconstruct:
             if send is not None:
                 send(step, picture)
 
-        with torch.inference_mode(False):
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; inputs are cloned
+            rgba = _photo(image, mask)
             guidance = self.guidance(model, clip, vae, prompt.strip(), sds_config, device)
             field = RealFusionField(self.FIELD_CONFIG).to(device)
             views = _clone_multiview(multiview) if multiview is not None else None

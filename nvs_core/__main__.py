@@ -18,8 +18,9 @@ def main(argv=None) -> int:
                                        "the copy-source baseline (uses the bundled demo model)")
     demo.add_argument("--out", required=True, help="output folder")
     demo.add_argument("--seed", type=int, default=3, help="procedural scene seed")
-    demo.add_argument("--method", choices=["vivid", "genvs"], default="vivid",
-                      help="which bundled demo model (genvs: models/demo/genvs_procedural.safetensors)")
+    demo.add_argument("--method", choices=["vivid", "genvs", "field"], default="vivid",
+                      help="which bundled demo model (genvs: models/demo/genvs_procedural.safetensors; field: fit a "
+                           "RealFusion field to 24 procedural views, no SDS, and export orbit/mesh/metrics)")
     demo.set_defaults(func=_run_demo)
 
     convert.add_cli(sub)
@@ -36,6 +37,11 @@ def _run_demo(args) -> int:
         from .genvs.demo import run as run_genvs
 
         run_genvs(args.out, seed=args.seed)
+        return 0
+    if getattr(args, "method", "vivid") == "field":
+        from .realfusion.demo import run as run_field
+
+        run_field(args.out, seed=args.seed)
         return 0
     from .demo import run
 

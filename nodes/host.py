@@ -185,3 +185,55 @@ def input_directory() -> str:
     if folder_paths is not None:
         return folder_paths.get_input_directory()
     return os.environ.get("NVS_INPUT_DIR", os.path.join(os.getcwd(), "input"))
+
+
+# ------------------------------------------------------------------ embeddings, output files, 3D types
+def embeddings_directory() -> str:
+    """The first folder ComfyUI searches for ``embedding:<name>`` (``models/embeddings``)."""
+    folder_paths = _optional("folder_paths")
+    if folder_paths is not None:
+        try:
+            folders = folder_paths.get_folder_paths("embeddings")
+            if folders:
+                return folders[0]
+        except KeyError:
+            pass
+    return os.environ.get("NVS_EMBEDDINGS_DIR", os.path.join(os.getcwd(), "models", "embeddings"))
+
+
+def output_file_path(prefix: str, extension: str):
+    """(absolute path, path relative to the output folder) of a new ``<prefix>_<counter:05>_.<ext>`` output
+    file, numbered like ComfyUI's own savers; the relative path is what ``Preview3D`` takes."""
+    output = output_directory()
+    folder_paths = _optional("folder_paths")
+    if folder_paths is not None:
+        full_folder, filename, _, subfolder, _ = folder_paths.get_save_image_path(prefix, output)
+    else:
+        subfolder, filename = os.path.split(os.path.normpath(prefix))
+        full_folder = os.path.join(output, subfolder)
+        if os.path.commonpath([os.path.abspath(output), os.path.abspath(full_folder)]) != os.path.abspath(output):
+            raise ValueError(f"filename_prefix {prefix!r} points outside the output folder")
+    os.makedirs(full_folder, exist_ok=True)
+    counter = 1
+    while os.path.exists(os.path.join(full_folder, f"{filename}_{counter:05}_.{extension}")):
+        counter += 1
+    name = f"{filename}_{counter:05}_.{extension}"
+    return os.path.join(full_folder, name), (f"{subfolder}/{name}" if subfolder else name)
+
+
+class _PlainMesh:
+    """Stand-in for ComfyUI's ``MESH`` (vertices [B, N, 3], faces [B, M, 3]) where the host has none."""
+
+    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor):
+        self.vertices = vertices
+        self.faces = faces
+
+
+def make_mesh(vertices: torch.Tensor, faces: torch.Tensor):
+    """A core ``MESH`` (``comfy_api.latest.Types.MESH``, positions + faces only in 0.8.0) from one mesh;
+    a plain object with the same fields when the host API is missing."""
+    vertices = vertices.float().reshape(1, -1, 3)
+    faces = faces.long().reshape(1, -1, 3)
+    latest = _optional("comfy_api.latest")
+    mesh_type = getattr(getattr(latest, "Types", None), "MESH", None) if latest is not None else None
+    return (mesh_type or _PlainMesh)(vertices, faces)

@@ -60,6 +60,7 @@ OVERRIDES = {
     "NVSGeNVSOrbit": lambda tmp: {"steps": 2, "frames": 2},
     "NVSLoadDTUScan": lambda tmp: {"root": str(_tiny_dtu_root(tmp))},
     "NVSFieldLoader": lambda tmp: {"field_file": str(_tiny_field_file(tmp))},
+    "NVSFieldExportMesh": lambda tmp: {"resolution": 24, "texture_size": 64},
     "NVSAdapterLoader": lambda tmp: {"adapter": str(_tiny_nvsadapter_file(tmp))},
     "NVSViewNeTILoader": lambda tmp: {"view_mapper": str(GOLDEN_DIR / "viewneti/checkpoints/mapper-steps-10_view.pt"),
                                       "dtu_calibration": str(GOLDEN_DIR / "viewneti/cal18_synthetic")},

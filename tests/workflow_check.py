@@ -36,6 +36,11 @@ CORE_NODES = {
                                                  "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})}},
                          "outputs": ("LATENT",)},
     "VAEDecode": {"inputs": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}}, "outputs": ("IMAGE",)},
+    "LoadImageMask": {"inputs": {"required": {"image": ("COMBO_ANY", {}), "channel": (["alpha", "red", "green", "blue"], {})}},
+                      "outputs": ("MASK",), "extra_widgets": 1},  # the upload button's value
+    "PreviewAny": {"inputs": {"required": {"source": ("*", {})}}, "outputs": ()},
+    "Preview3D": {"inputs": {"required": {"model_file": ("STRING", {"default": ""})},
+                             "optional": {"camera_info": ("LOAD3D_CAMERA", {}), "bg_image": ("IMAGE", {})}}, "outputs": ()},
     "Note": {"inputs": {"required": {"text": ("STRING", {})}}, "outputs": ()},
     "MarkdownNote": {"inputs": {"required": {"text": ("STRING", {})}}, "outputs": ()},
 }

@@ -9,14 +9,16 @@ Network: the published ``genvs.pt`` layout (``full_config()``: resnet34 encoder,
 CPU. Speed and memory do not depend on the weights' values.
 
 (a) ``sampler_overhead_ratio``: the time of a full sampling (``sampler.sample``: Karras sigmas, Euler
-    with churn, noise drawn every step) on an already computed render, divided by the time of the same
-    number of raw denoiser calls (same shapes and sigmas) in a separate loop; runs are interleaved so
-    drifting machine load affects both alike. ``sampler_overhead_ratio_in_run`` divides by the time
-    spent inside the denoiser during the sampling itself (the denoiser wrapped in a timer). Target
-    <= 1.03.
+    with churn, noise drawn every step) on an already computed render, divided by the time of the
+    denoiser calls it makes, timed inside that same sampling (the denoiser wrapped in a timer), so the
+    load of a shared machine affects numerator and denominator alike. ``sampler_overhead_ratio_raw_loop``
+    divides by a separate loop of the same number of raw denoiser calls (same shapes and sigmas; runs
+    interleaved). Target <= 1.03.
 (b) ``render_overhead_ratio``: one feature render (``GeNVS.render``, chunked rays, coarse + importance
-    samples) divided by its field evaluations alone: ``NeRFField.raw`` (grid_sample of every source
-    volume + the MLP + the view mean) on the same number of points in the same chunks. Aim <= 2.
+    samples) divided by its field evaluations alone (``NeRFField.raw``: grid_sample of every source
+    volume + the MLP + the view mean), timed inside that render. ``render_overhead_ratio_raw_loop``
+    divides by a separate loop of ``NeRFField.raw`` on as many random points in the same chunks (random
+    points sample the volumes less coherently than rays, so that loop is slower). Aim <= 2.
 (c) ``ar_cost_growth``: time per generated view late in an autoregressive orbit (the last 4 frames) /
     early (frames 6-9, the first ones whose conditioning set is full: sources + 4 random + the latest).
     The encoder volume cache makes this flat; re-encoding every conditioning view (the published
@@ -158,7 +160,7 @@ def sampler_overhead(model, steps: int, repeats: int, batch: int = 1):
         inside.append(wrapped.seconds)
     return {"steps": steps, "batch": batch, "full_s": [round(t, 3) for t in full_times],
             "raw_s": [round(t, 3) for t in raw_times], "in_denoiser_s": [round(t, 3) for t in inside],
-            "ratio": sum(full_times) / sum(raw_times), "ratio_in_run": sum(full_times) / sum(inside)}
+            "ratio_raw_loop": sum(full_times) / sum(raw_times), "ratio": sum(full_times) / sum(inside)}
 
 
 # ------------------------------------------------------------------------------------------ (b) render
@@ -198,7 +200,7 @@ def render_overhead(model, views: int, repeats: int):
     return {"views": views, "render_size": S, "samples_per_ray": n.num_steps + n.upsample_steps,
             "rays_per_chunk": chunk, "chunks": len(pts), "render_s": [round(t, 3) for t in render_times],
             "field_raw_s": [round(t, 3) for t in raw_times], "field_in_render_s": [round(t, 3) for t in inside],
-            "ratio": sum(render_times) / sum(raw_times), "ratio_in_run": sum(render_times) / sum(inside)}
+            "ratio_raw_loop": sum(render_times) / sum(raw_times), "ratio": sum(render_times) / sum(inside)}
 
 
 # ------------------------------------------------------------------------------------------ (c, d) orbit
@@ -329,14 +331,14 @@ def main():
     sampler_steps = 8 if quick else 4
     repeats = 3 if quick else 2
     a = sampler_overhead(model, sampler_steps, repeats)
-    print(f"(a) sampler: {a['steps']} steps, full {sum(a['full_s']) / repeats:.2f} s vs raw denoiser loop "
-          f"{sum(a['raw_s']) / repeats:.2f} s -> ratio {a['ratio']:.4f} (in-run {a['ratio_in_run']:.4f}; target "
-          "<= 1.03)")
+    print(f"(a) sampler: {a['steps']} steps, full {sum(a['full_s']) / repeats:.2f} s, of which "
+          f"{sum(a['in_denoiser_s']) / repeats:.2f} s in the denoiser -> ratio {a['ratio']:.4f} (target <= 1.03); "
+          f"separate raw loop {sum(a['raw_s']) / repeats:.2f} s -> {a['ratio_raw_loop']:.4f}")
     b = render_overhead(model, 2, repeats)
     print(f"(b) render {b['render_size']}px from {b['views']} views ({b['samples_per_ray']} samples/ray, "
-          f"{b['chunks']} chunks): {sum(b['render_s']) / repeats:.2f} s vs field alone "
-          f"{sum(b['field_raw_s']) / repeats:.2f} s -> ratio {b['ratio']:.3f} (in-run {b['ratio_in_run']:.3f}; "
-          "aim <= 2)")
+          f"{b['chunks']} chunks): {sum(b['render_s']) / repeats:.2f} s, of which "
+          f"{sum(b['field_in_render_s']) / repeats:.2f} s in the field -> ratio {b['ratio']:.3f} (aim <= 2); "
+          f"separate field loop {sum(b['field_raw_s']) / repeats:.2f} s -> {b['ratio_raw_loop']:.3f}")
 
     frames = 20 if quick else 13
     growth_steps = 2
@@ -360,9 +362,9 @@ def main():
         "bench": "genvs_speed", "quick": quick, "threads": torch.get_num_threads(),
         "clock": "process CPU time" if CLOCK is time.process_time else "wall time",
         "network": "reduced (quick)" if quick else "full (genvs.pt layout)",
-        "sampler_overhead_ratio": round(a["ratio"], 4), "sampler_overhead_ratio_in_run": round(a["ratio_in_run"], 4),
-        "sampler_target_met": a["ratio"] <= 1.03,
-        "render_overhead_ratio": round(b["ratio"], 3), "render_overhead_ratio_in_run": round(b["ratio_in_run"], 3),
+        "sampler_overhead_ratio": round(a["ratio"], 4),
+        "sampler_overhead_ratio_raw_loop": round(a["ratio_raw_loop"], 4), "sampler_target_met": a["ratio"] <= 1.03,
+        "render_overhead_ratio": round(b["ratio"], 3), "render_overhead_ratio_raw_loop": round(b["ratio_raw_loop"], 3),
         "ar_cost_growth": round(growth, 3), "ar_growth_target_met": growth <= 1.10,
         "ar_overhead_ratio": round(ar_ratio, 3), "ar_overhead_target_met": ar_ratio <= 1.10,
         "memory_render_6views_mib": memory["render"]["delta_mib"], "memory_volumes_6views_mib":

@@ -18,7 +18,7 @@ from ..nvs_core.sd.interface import UNetPatches
 from ..nvs_core.viewneti import prompting
 from ..nvs_core.viewneti.camera_tokens import DTUCalibration
 from ..nvs_core.viewneti.config import ViewNetiLoadOptions
-from ..nvs_core.viewneti.loading import ViewNetiModel, load_viewneti
+from ..nvs_core.viewneti.loading import ViewNetiModel, load_viewneti, stored_view_data
 
 from . import host
 from .common import CAMERA, float_input, int_input
@@ -72,6 +72,11 @@ def read_calibration(text: str):
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"dtu_calibration: {exc}") from None
     return calibration, calibration.camera_range(), f"DTU calibration {calibration.source} ({len(calibration)} cameras)"
+
+
+def _same_range(a, b) -> bool:
+    """Two DTU camera ranges agree (to the 4-decimal precision of view tokens)."""
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-4) for x, y in ((a.mins, b.mins), (a.maxs, b.maxs)))
 
 
 def describe_model(model: ViewNetiModel, names: dict, calibration_text: str) -> str:
@@ -153,7 +158,14 @@ class NVSViewNeTILoader:
         if view_bypass_alpha not in ALPHA_CHOICES:
             raise ValueError(f"view_bypass_alpha must be one of {ALPHA_CHOICES}, got {view_bypass_alpha!r}")
         paths = {k: _resolve_file(f"{k}_mapper" if k != "learned_embeds" else k, v) for k, v in chosen.items()}
-        calibration, camera_range, calibration_text = read_calibration(dtu_calibration)
+        missing_default = None
+        try:
+            calibration, camera_range, calibration_text = read_calibration(dtu_calibration)
+        except ValueError as exc:
+            if (dtu_calibration or "").strip() != DEFAULT_CALIBRATION:
+                raise
+            # the default folder is not installed: mappers trained by NVS ViewNeTI Train carry their own
+            missing_default, calibration, camera_range, calibration_text = exc, None, None, "no DTU calibration"
         options = ViewNetiLoadOptions(view_alpha_from_object=view_bypass_alpha == ALPHA_CHOICES[0])
         try:
             model = load_viewneti(paths.get("view"), paths.get("object"), paths.get("learned_embeds"),
@@ -167,11 +179,31 @@ class NVSViewNeTILoader:
                 which = "view"
             which = f"{which}_mapper" if which != "learned_embeds" else which
             raise ValueError(f"{which}: {exc}") from None
-        if model.view is not None and model.view.camera_representation == "dtu-12d" and camera_range is None:
-            raise ValueError("dtu_calibration: this DTU view mapper needs the camera range: the DTU SampleSet folder "
-                             "Calibration/cal18 (put it in models/nvs/viewneti/cal18) or the 24 range numbers")
+        stored = stored_view_data(model.cfg, paths.get("view", ""))
+        if model.view is not None and model.view.camera_representation == "dtu-12d":
+            if camera_range is None and stored.dtu_range is None:
+                if missing_default is not None:
+                    raise missing_default
+                raise ValueError("dtu_calibration: this DTU view mapper needs the camera range: the DTU SampleSet "
+                                 "folder Calibration/cal18 (put it in models/nvs/viewneti/cal18) or the 24 range "
+                                 "numbers")
+            if camera_range is not None and stored.dtu_range is not None and not _same_range(stored.dtu_range, camera_range):
+                raise ValueError(f"dtu_calibration: its camera range differs from the one {view_mapper} was trained "
+                                 "with (stored in the file); clear dtu_calibration to use the stored one")
+            if camera_range is None:
+                model.view_range = stored.dtu_range
+                calibration = stored.dtu_calibration
+                calibration_text = (f"DTU calibration stored with the mapper ({calibration.source}, {len(calibration)} "
+                                    "cameras)" if calibration is not None else
+                                    "DTU camera range stored with the mapper (no calibration cameras: cameras in "
+                                    "DTU scene coordinates only)")
         if model.view is not None and model.view.camera_representation != "dtu-12d":
-            calibration, calibration_text = None, f"spherical views ({model.view.camera_representation})"
+            calibration = None
+            source = "learned_embeds" if chosen.get("learned_embeds") else "stored with the mapper"
+            calibration_text = f"spherical views ({model.view.camera_representation}, range {source})"
+            if model.view_range is None:
+                raise ValueError(f"learned_embeds: {view_mapper} is a spherical view mapper whose range is not stored "
+                                 "in it; choose the learned_embeds file of the same run")
         prompting.attach_calibration(model, calibration)
         names = {"view": view_mapper, "object": object_mapper, "learned_embeds": chosen.get("learned_embeds")}
         return {"ui": {"text": [describe_model(model, names, calibration_text)]}, "result": (model,)}

@@ -16,12 +16,12 @@ from ..nvs_core.cameras import Cameras
 from ..nvs_core.checkpoints import CheckpointError
 from ..nvs_core.multiview import MultiView
 from ..nvs_core.viewneti import training
-from ..nvs_core.viewneti.camera_tokens import DTUCalibration, DTUCameraRange
 from ..nvs_core.viewneti.loading import ViewNetiModel
 
 from . import host
 from .common import CAMERA, MULTIVIEW, check_image, float_input, int_input, seed_input
 from .nodes_vivid import _clone_views, _copy_atomic  # inputs as ordinary tensors; atomic file copies
+from .nodes_viewneti import DEFAULT_CALIBRATION, read_calibration
 
 CATEGORY = "NVS/ViewNeTI"
 METHOD = "viewneti"
@@ -73,6 +73,21 @@ def _scan_list(text: str):
     if not scans:
         raise ValueError("dtu_scans: give at least one DTU scan number, e.g. 114")
     return scans
+
+
+def _range_text(model: ViewNetiModel) -> str:
+    """How the trained model normalises views (saved with the view mapper)."""
+    if model.view is None:
+        return "none (no view mapper)"
+    calibration = model.dtu_calibration
+    if model.view.camera_representation == "dtu-12d":
+        if calibration is not None:
+            return (f"DTU calibration {calibration.source} ({len(calibration)} cameras: DTU indices and orbits "
+                    "work in NVS ViewNeTI Apply)")
+        return "DTU camera range from 24 numbers (cameras in DTU scene coordinates only)"
+    r = model.view_range
+    return (f"spherical {model.view.camera_representation}: theta {r.theta[0]:g}..{r.theta[1]:g}, phi "
+            f"{r.phi[0]:g}..{r.phi[1]:g} (connect cameras in NVS ViewNeTI Apply)")
 
 
 class NVSViewNeTITrain:
@@ -133,8 +148,12 @@ class NVSViewNeTITrain:
                           "for mode 3."}),
             "dtu_subset": (DTU_SUBSETS, {"default": "3", "tooltip": "Training views of each scan: subset 1 [25], 3 "
                            "[25, 22, 28], 6 or 9 (RegNeRF/PixelNeRF train ids)."}),
-            "dtu_calibration": ("STRING", {"default": "", "tooltip": "DTU SampleSet Calibration/cal18 folder (view "
-                                "token numbers and the 64-camera range); default <dtu_folder>/Calibration/cal18."}),
+            "dtu_calibration": ("STRING", {"default": "", "tooltip": "DTU views only: the DTU SampleSet "
+                                "Calibration/cal18 folder (absolute or relative to models/nvs/viewneti/, as in NVS "
+                                "ViewNeTI Loader) or the 24 range numbers. Empty = automatic: "
+                                "<dtu_folder>/Calibration/cal18 with dtu_folder, else models/nvs/viewneti/cal18 (the "
+                                "loader's default) if it exists. The cameras and range are saved with the mappers, so "
+                                "the loader needs no calibration for them."}),
             "object_placeholder": ("STRING", {"default": "", "tooltip": "Object placeholder token(s), comma-separated "
                                    "per scene; empty: <object> (one scene) or <scan{ID}> (mode 3)."}),
             "checkpoint_every": int_input(500, 0, 1_000_000, "Save a resumable checkpoint every N steps (0: at the "
@@ -148,21 +167,35 @@ class NVSViewNeTITrain:
 
         return ComfySDBackend(model, clip, vae, differentiable=True)
 
+    @staticmethod
+    def _calibration(text: str, with_dtu_folder: bool):
+        """(DTUCalibration or None, DTUCameraRange or None, folder path or None) from the dtu_calibration input."""
+        text = (text or "").strip()
+        if not text:
+            if with_dtu_folder:
+                return None, None, None  # <dtu_folder>/Calibration/cal18
+            try:
+                calibration, dtu_range, _ = read_calibration(DEFAULT_CALIBRATION)
+            except ValueError:
+                return None, None, None  # no default calibration installed: only needed for DTU views
+            return calibration, dtu_range, calibration.source
+        calibration, dtu_range, _ = read_calibration(text)
+        return calibration, dtu_range, calibration.source if calibration is not None else None
+
     def _data(self, mode, images, cameras, multiview, dtu_folder, dtu_scans, dtu_subset, dtu_calibration,
               object_placeholder):
-        """(scenes, DTU camera range or None, description)."""
-        calibration = dtu_calibration.strip() or None
-        dtu_range = DTUCameraRange.from_calibration_folder(calibration) if calibration else None
+        """(scenes, DTU camera range or None, DTU calibration or None, description)."""
+        calib, dtu_range, calibration = self._calibration(dtu_calibration, bool(dtu_folder.strip()))
         if dtu_folder.strip():
             scans = _scan_list(dtu_scans)
             if mode != 3 and len(scans) != 1:
                 raise ValueError(f"dtu_scans: learnable mode {mode} trains one scan, got {scans} (mode 3 takes several)")
             tokens = _placeholders(object_placeholder, len(scans), mode)
-            scenes, dtu_range = training.scenes_from_dtu(dtu_folder.strip(), scans, int(dtu_subset), calibration,
-                                                         tokens)
+            scenes, used = training.scenes_from_dtu(dtu_folder.strip(), scans, int(dtu_subset), calibration,
+                                                    tokens, return_calibration=True)
             if mode == 0:
                 scenes = [training.TrainingScene(s.images, None, s.object_token, s.name) for s in scenes]
-            return scenes, dtu_range, f"DTU scans {scans}, subset {dtu_subset}"
+            return scenes, dtu_range or used.camera_range(), used, f"DTU scans {scans}, subset {dtu_subset}"
         representation = "none" if mode == 0 else "auto"
         if multiview is not None:
             if not isinstance(multiview, MultiView):
@@ -170,12 +203,11 @@ class NVSViewNeTITrain:
             if len(multiview) == 0:
                 raise ValueError("multiview: the training set is empty")
             views = _clone_views(multiview)
-            calib = DTUCalibration.from_folder(calibration) if calibration else None
             groups = training.scenes_from_multiview(views, representation, None, calib, split_scans=(mode == 3))
             tokens = _placeholders(object_placeholder, len(groups), mode)
             if tokens is not None:
                 groups = [training.TrainingScene(s.images, s.view_tokens, t, s.name) for s, t in zip(groups, tokens)]
-            return groups, dtu_range, f"multiview of {len(multiview)} views"
+            return groups, dtu_range, calib, f"multiview of {len(multiview)} views"
         if images is None:
             raise ValueError("images: connect training images (with cameras), an NVS_MULTIVIEW, or set dtu_folder")
         if images.shape[0] == 0:
@@ -190,7 +222,7 @@ class NVSViewNeTITrain:
         tokens = _placeholders(object_placeholder, 1, mode)
         scene = training.scene_from_images(images, cameras, "none" if mode == 0 else "spherical",
                                            (tokens or [training.DEFAULT_OBJECT_TOKEN])[0])
-        return [scene], dtu_range, f"{images.shape[0]} images"
+        return [scene], dtu_range, calib, f"{images.shape[0]} images"
 
     def train(self, model, clip, vae, learnable_mode, steps, learning_rate, scale_lr, batch_size,
               gradient_accumulation, augmentation, width, height, seed, output_name, resume, images=None,
@@ -221,13 +253,14 @@ class NVSViewNeTITrain:
             raise ValueError(f"NVS ViewNeTI Train: {exc}") from None
         losses = []
         with torch.inference_mode(False):
-            scenes, dtu_range, source = self._data(mode, images, cameras, multiview, dtu_folder, dtu_scans,
+            scenes, dtu_range, calibration, source = self._data(mode, images, cameras, multiview, dtu_folder, dtu_scans,
                                                    dtu_subset, dtu_calibration, object_placeholder)
             backend = self.make_backend(model, clip, vae)
             try:
                 result = training.train_viewneti(backend, scenes, config, pretrained_view_mapper, dtu_range,
                                                  progress=host.progress_factory(),
-                                                 callback=lambda info: losses.append(info["loss"]))
+                                                 callback=lambda info: losses.append(info["loss"]),
+                                                 dtu_calibration=calibration)
             except CheckpointError as exc:
                 raise ValueError(f"resume: {exc}") from None
 
@@ -252,6 +285,7 @@ class NVSViewNeTITrain:
                    f"{result.effective_learning_rate:g}{' (scaled)' if scale_lr else ''}, {augmentation}\n"
                    f"loss {loss_text}; skipped non-finite steps: {result.skipped_steps}\n"
                    f"view mapper: {view_text}; object placeholders: {', '.join(result.model.objects)}\n"
+                   f"view range: {_range_text(result.model)}\n"
                    f"files: {', '.join(saved)}\ncheckpoint: {result.files.get('state')}")
         return {"ui": {"text": [summary]}, "result": (result.model, summary)}
 

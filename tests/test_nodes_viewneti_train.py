@@ -22,7 +22,7 @@ def _core(name):
 
 
 cam = _core("cameras")
-tiny = _core("sd.tiny")
+tiny_sd = _core("sd.tiny")
 loading = _core("viewneti.loading")
 training = _core("viewneti.training")
 Train = pack.NODE_CLASS_MAPPINGS["NVSViewNeTITrain"]
@@ -38,7 +38,7 @@ def node(tmp_path, monkeypatch):
 
     def make_backend(model, clip, vae):
         assert (model, clip, vae) == ("MODEL", "CLIP", "VAE")
-        made.append(tiny.tiny_backend_with_tokenizer(prediction_type="v_prediction"))
+        made.append(tiny_sd.tiny_backend_with_tokenizer(prediction_type="v_prediction"))
         return made[-1]
 
     monkeypatch.setattr(Train, "make_backend", staticmethod(make_backend))
@@ -155,3 +155,103 @@ def test_node_mode_0_needs_no_cameras(node):
     model, summary = run(node, learnable_mode=Train.INPUT_TYPES()["required"]["learnable_mode"][0][0], cameras=None,
                          augmentation="none", steps=1)
     assert model.view is None and "view mapper: none" in summary
+
+
+# ------------------------------------------------------------ Train -> Apply, Train -> files -> Loader -> Apply
+from tests.test_nodes_viewneti import host, tiny  # noqa: E402,F401  (stand-in MODEL/CLIP fixtures for Apply)
+
+Loader = pack.NODE_CLASS_MAPPINGS["NVSViewNeTILoader"]
+Apply = pack.NODE_CLASS_MAPPINGS["NVSViewNeTIApply"]
+P = _core("viewneti.prompting")
+DTU_ORBIT = dict(count=3, elevation=0.0, azimuth_start=-20.0, azimuth_sweep=40.0)
+
+
+def _apply(host, mapper, **kwargs):
+    out = Apply().apply(model=host.model, clip=host.clip, view_mapper=mapper, **kwargs)
+    return out["result"][0].patches.contexts, out["ui"]["text"][0]
+
+
+def _load_files(**kwargs):
+    args = dict(view_mapper="node_run_view.safetensors", object_mapper="node_run_object.safetensors",
+                dtu_calibration="cal18") | kwargs
+    out = Loader().load(**args)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def _dtu_orbit(count=3):
+    return cam.orbit(count, 0.0, math.radians(-20), math.radians(40), 2.0, math.radians(23.5), 768, 576)
+
+
+def test_dtu_training_carries_its_calibration_to_apply_and_through_the_files(node, host, tmp_path):
+    root = _dtu_folder(tmp_path / "dtu", [3])
+    model, summary = run(node, images=None, cameras=None, dtu_folder=str(root), dtu_scans="3", dtu_subset="1")
+    assert "view range: DTU calibration" in summary and "(64 cameras" in summary
+    calibration = _core("viewneti.camera_tokens").DTUCalibration.from_folder(CAL18)
+    assert P.calibration_of(model) is not None and torch.equal(P.calibration_of(model).projections,
+                                                               calibration.projections)
+    # Train -> Apply: DTU indices and an orbit around the rig work on the fresh model
+    provider, text = _apply(host, model, dtu_cameras="22, 25")
+    assert provider.rows == 2 and "DTU camera 22, DTU camera 25" in text
+    expected = P.dtu_rows_for_keys(model, calibration, [22, 25]).params
+    assert torch.equal(provider.view_params, expected)
+    provider, _ = _apply(host, model, cameras=_dtu_orbit())
+    assert provider.rows == 3
+    orbit_params = provider.view_params
+    # Train -> files -> Loader -> Apply: the view file alone restores range and cameras (no cal18 installed)
+    assert not (tmp_path / "models" / "viewneti" / "cal18").exists()
+    for calibration_text in ("cal18", ""):
+        loaded, text = _load_files(dtu_calibration=calibration_text)
+        assert "DTU calibration stored with the mapper" in text and "64 cameras)" in text
+        assert torch.equal(loaded.view_range.mins, model.view_range.mins)
+        provider, _ = _apply(host, loaded, dtu_cameras="22, 25")
+        assert torch.equal(provider.view_params, expected)
+        provider, _ = _apply(host, loaded, cameras=_dtu_orbit())
+        assert torch.equal(provider.view_params, orbit_params)
+        for a, b in zip(loaded.view.state_dict().values(), model.view.state_dict().values()):
+            assert torch.equal(a, b)
+    # a calibration given to the loader must agree with the stored range
+    numbers = ", ".join(f"{v * 2:.9g}" for v in calibration.camera_range().to_numbers())
+    with pytest.raises(ValueError, match="dtu_calibration: its camera range differs from the one"):
+        _load_files(dtu_calibration=numbers)
+    same = ", ".join(f"{v:.9g}" for v in calibration.camera_range().to_numbers())
+    loaded, _ = _load_files(dtu_calibration=same)
+    assert P.calibration_of(loaded) is None  # numbers only: cameras in DTU scene coordinates
+    # load_trained restores the same
+    restored = training.load_trained(tmp_path / "output" / "nvs_viewneti_training" / "node_run", "node_run")
+    assert torch.equal(restored.dtu_calibration.projections, calibration.projections)
+
+
+def test_spherical_training_carries_its_range_to_apply_and_through_the_view_file_alone(node, host, tmp_path):
+    model, summary = run(node)
+    assert "view range: spherical" in summary and P.calibration_of(model) is None
+    provider, text = _apply(host, model, cameras=orbit())
+    assert provider.rows == 3 and "3 views" in text
+    trained_params = provider.view_params
+    with pytest.raises(ValueError, match="spherical .* connect cameras"):
+        _apply(host, model)
+    # the view + object files, without learned_embeds and without any calibration installed
+    loaded, text = _load_files()
+    assert "spherical views (phi, range stored with the mapper)" in text
+    assert loaded.view_range == model.view_range
+    provider, _ = _apply(host, loaded, cameras=orbit())
+    assert torch.equal(provider.view_params, trained_params)
+    # the view file alone, for view control of a free prompt
+    alone, _ = _load_files(object_mapper="none")
+    provider, _ = _apply(host, alone, cameras=orbit(), prompt_template="{view}. A photo of a red car")
+    assert torch.equal(provider.view_params, trained_params) and provider.object_mapper is None
+    # with learned_embeds it is the same range
+    with_embeds, text = _load_files(learned_embeds="node_run_learned_embeds.safetensors")
+    assert with_embeds.view_range == model.view_range and "range learned_embeds" in text
+
+
+def test_mode_5_keeps_the_pretrained_calibration(node, host, tmp_path):
+    root = _dtu_folder(tmp_path / "dtu", [3])
+    calibration = _core("viewneti.camera_tokens").DTUCalibration.from_folder(CAL18)
+    view = training.new_mapper("view", 32, 1.0, 5.0, "dtu-12d", 3).train(False).requires_grad_(False)
+    pretrained = P.attach_calibration(loading.ViewNetiModel(view, {}, {}, calibration.camera_range()), calibration)
+    modes = Train.INPUT_TYPES()["required"]["learnable_mode"][0]
+    model, summary = run(node, learnable_mode=modes[4], images=None, cameras=None, pretrained_view_mapper=pretrained,
+                         dtu_folder=str(root), dtu_scans="3", dtu_subset="1", steps=1)
+    assert "(frozen)" in summary and P.calibration_of(model) is not None
+    provider, _ = _apply(host, model, dtu_cameras="25")
+    assert torch.equal(provider.view_params, P.dtu_rows_for_keys(pretrained, calibration, [25]).params)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..checkpoints import (CheckpointError, InertObject, check_state_dict, load_safetensors, load_torch_weights,
                            load_with_config, safe_torch_load, sniff_format, stand_in)
-from .camera_tokens import DTUCameraRange, SphericalViewRange, is_dtu_view_token
+from .camera_tokens import DTUCalibration, DTUCameraRange, SphericalViewRange, is_dtu_view_token
 from .config import ConfigError, ViewNetiLoadOptions, neti_mapper_kwargs, viewneti_mapper_kwargs
 from .mapper import NetiMapper, ViewNetiMapper
 
@@ -290,6 +290,8 @@ class ViewNetiModel:
     cfg: Dict[str, Any]
     view_range: Union[DTUCameraRange, SphericalViewRange, None] = None
     training_view_tokens: List[str] = field(default_factory=list)
+    # DTU calibration cameras (for DTU camera indices and orbit placement), when known
+    dtu_calibration: Optional[DTUCalibration] = None
 
     def view_inputs(self, view_tokens: Sequence[str]) -> torch.Tensor:
         """The view mapper's camera input for these tokens (normalised, float32, one row per token)."""
@@ -313,6 +315,50 @@ def _camera_range(calibration) -> Optional[DTUCameraRange]:
     return DTUCameraRange.from_numbers(calibration)
 
 
+def calibration_to_config(calibration: DTUCalibration) -> Dict[str, Any]:
+    """The DTU calibration cameras as JSON (stored with trained mappers: ``data.dtu_calibration``)."""
+    return {"keys": list(calibration.keys), "source": str(calibration.source),
+            "projections": [[float(v) for v in P.reshape(-1).tolist()] for P in calibration.projections]}
+
+
+def calibration_from_config(value, source: PathLike = "<config>") -> Optional[DTUCalibration]:
+    if value is None:
+        return None
+    try:
+        return DTUCalibration(value["keys"], torch.tensor(value["projections"], dtype=torch.float32),
+                              str(value.get("source", "")))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(source, f"data.dtu_calibration: expected keys and 3x4 projections ({e})") from None
+
+
+@dataclass
+class StoredViewData:
+    """What a mapper file trained by ``nvs_core.viewneti.training`` stores about its views (``cfg['data']``):
+    the DTU camera range and calibration cameras, or the spherical range's tokens. Published files store none."""
+
+    dtu_range: Optional[DTUCameraRange] = None
+    dtu_calibration: Optional[DTUCalibration] = None
+    spherical_tokens: List[str] = field(default_factory=list)
+
+
+def stored_view_data(cfg: Mapping[str, Any], source: PathLike = "<config>") -> StoredViewData:
+    data = cfg.get("data") if isinstance(cfg, Mapping) else None
+    if not isinstance(data, Mapping):
+        return StoredViewData()
+    dtu_range = None
+    if data.get("dtu_camera_range") is not None:
+        try:
+            dtu_range = DTUCameraRange.from_numbers(data["dtu_camera_range"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(source, f"data.dtu_camera_range: expected 24 numbers ({e})") from None
+    calibration = calibration_from_config(data.get("dtu_calibration"), source)
+    if dtu_range is None and calibration is not None:
+        dtu_range = calibration.camera_range()
+    tokens = data.get("view_range_tokens") or data.get("training_view_tokens") or []
+    spherical = [str(t) for t in tokens if isinstance(t, str) and t.startswith("<view_") and not is_dtu_view_token(t)]
+    return StoredViewData(dtu_range, calibration, spherical)
+
+
 def load_viewneti(view_mapper: Optional[PathLike] = None, object_mapper: Optional[PathLike] = None,
                   learned_embeds: Optional[PathLike] = None, calibration=None,
                   options: Optional[ViewNetiLoadOptions] = None) -> ViewNetiModel:
@@ -320,14 +366,16 @@ def load_viewneti(view_mapper: Optional[PathLike] = None, object_mapper: Optiona
 
     ``calibration`` (DTU views): the DTU SampleSet ``Calibration/cal18`` folder, 24 numbers (12 minima
     then 12 maxima) or a :class:`DTUCameraRange`. Spherical view mappers take their range from the
-    training view tokens in ``learned_embeds``.
+    training view tokens in ``learned_embeds``. Files written by our training also store their view data
+    (:func:`stored_view_data`): it is used when ``calibration`` / ``learned_embeds`` are not given, and
+    their DTU calibration cameras come back as ``model.dtu_calibration``.
     """
     if view_mapper is None and object_mapper is None:
         raise ValueError("give a view mapper, an object mapper or both")
     training_view_tokens = []
     if learned_embeds is not None:
         training_view_tokens = split_view_and_object_tokens(list(load_learned_embeds(learned_embeds)))[0]
-    view, view_range, cfg = None, None, {}
+    view, view_range, cfg, dtu_calibration = None, None, {}, None
     if view_mapper is not None:
         representation = None
         spherical_tokens = [t for t in training_view_tokens if not is_dtu_view_token(t)]
@@ -338,15 +386,25 @@ def load_viewneti(view_mapper: Optional[PathLike] = None, object_mapper: Optiona
         if loaded.kind != "view":
             raise CheckpointError(view_mapper, f"expected a view-mapper file, found a {loaded.kind} mapper file")
         view, cfg = loaded.mapper, loaded.cfg
+        stored = stored_view_data(cfg, view_mapper)
         if view.camera_representation == "dtu-12d":
             view_range = _camera_range(calibration)
+            if view_range is None:
+                view_range = stored.dtu_range
+            dtu_calibration = stored.dtu_calibration
+        elif view_range is None and stored.spherical_tokens:
+            view_range = SphericalViewRange.from_tokens(stored.spherical_tokens)
+            if view_range.degrees_of_freedom != view.camera_representation:
+                raise CheckpointError(view_mapper, f"the stored view tokens give {view_range.degrees_of_freedom!r} "
+                                                   f"views but the mapper takes {view.camera_representation!r}")
+            training_view_tokens = training_view_tokens or list(stored.spherical_tokens)
     objects = {}
     if object_mapper is not None:
         loaded = load_mapper_file(object_mapper, options)
         if loaded.kind != "object":
             raise CheckpointError(object_mapper, f"expected an object-mapper file, found a {loaded.kind} mapper file")
         objects, cfg = loaded.mappers, cfg or loaded.cfg
-    return ViewNetiModel(view, objects, cfg, view_range, training_view_tokens)
+    return ViewNetiModel(view, objects, cfg, view_range, training_view_tokens, dtu_calibration)
 
 
 # ------------------------------------------------------------------------- converted format

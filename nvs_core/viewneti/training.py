@@ -75,7 +75,8 @@ from .camera_tokens import (DTUCalibration, DTUCameraRange, SphericalViewRange, 
                             format_spherical_view_token, is_dtu_view_token, spherical_view_from_cameras)
 from .config import fourier_sigmas
 from .injection import ViewNetiContexts
-from .loading import METHOD, VIEW_MAPPER_KEY, VIEW_PLACEHOLDER, ViewNetiModel, load_viewneti
+from .loading import (METHOD, VIEW_MAPPER_KEY, VIEW_PLACEHOLDER, ViewNetiModel, calibration_to_config,
+                      load_viewneti)
 from .mapper import ViewNetiMapper
 
 PathLike = Union[str, Path]
@@ -212,9 +213,11 @@ def scene_from_images(images: torch.Tensor, cameras: Optional[Cameras], represen
 
 def scenes_from_dtu(root: PathLike, scans: Sequence[int], subset: int = 3, calibration: Optional[PathLike] = None,
                     object_tokens: Optional[Sequence[str]] = None, size: Optional[Sequence[int]] = (512, 384),
-                    light=3) -> Tuple[List[TrainingScene], DTUCameraRange]:
+                    light=3, return_calibration: bool = False
+                    ) -> Tuple[List[TrainingScene], Union[DTUCameraRange, DTUCalibration]]:
     """DTU scans (Rectified images of ``dtu_subset`` 1/3/6/9/...) with upstream's view tokens, made from the
-    calibration files' own matrices, and the 64-camera range of that calibration (``nvs_core.dtu``).
+    calibration files' own matrices, and the 64-camera range of that calibration (``nvs_core.dtu``), or the
+    calibration itself with ``return_calibration``.
 
     Object placeholders default to ``<object>`` for one scan and ``<scan{ID}>`` for several (mode 3)."""
     from .. import dtu
@@ -235,7 +238,7 @@ def scenes_from_dtu(root: PathLike, scans: Sequence[int], subset: int = 3, calib
         if calib is None:
             calib = DTUCalibration.from_folder(folder)
         scenes.append(scene_from_multiview(views, "dtu-12d", token, f"scan{scan}", calib, dtu.dtu_camera_ids(views)))
-    return scenes, calib.camera_range()
+    return scenes, (calib if return_calibration else calib.camera_range())
 
 
 def scenes_from_multiview(views: MultiView, representation: str = "auto", object_tokens: Optional[Sequence[str]] = None,
@@ -519,19 +522,16 @@ def output_paths(out_dir: PathLike, name: str) -> Dict[str, Path]:
 
 
 def load_trained(out_dir: PathLike, name: str = "viewneti") -> ViewNetiModel:
-    """A finished (or checkpointed) run as a ``ViewNetiModel``, through ``load_viewneti``."""
+    """A finished (or checkpointed) run as a ``ViewNetiModel``, through ``load_viewneti`` (which restores the
+    view range and DTU calibration cameras stored in the view file's config)."""
     paths = output_paths(out_dir, name)
     view = paths["view"] if paths["view"].is_file() else None
     obj = paths["object"] if paths["object"].is_file() else None
     if view is None and obj is None:
         raise FileNotFoundError(f"no trained ViewNeTI mappers {paths['view'].name} / {paths['object'].name} in "
                                 f"{out_dir}")
-    calibration = None
-    if view is not None:
-        cfg = load_with_config(view)[1]["meta"].get("cfg") or {}
-        calibration = (cfg.get("data") or {}).get("dtu_camera_range")
     embeds = paths["learned_embeds"] if paths["learned_embeds"].is_file() else None
-    return load_viewneti(view, obj, embeds, calibration)
+    return load_viewneti(view, obj, embeds)
 
 
 def _state_tensors(mappers: Dict[str, nn.Module], optimizer: torch.optim.Optimizer, step: int):
@@ -587,13 +587,17 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def train_viewneti(backend: SDBackend, scenes: Sequence[TrainingScene], config: Union[ViewNetiTrainConfig, dict],
                    pretrained: Optional[ViewNetiModel] = None, dtu_camera_range: Optional[DTUCameraRange] = None,
                    progress: Optional[ProgressFactory] = None,
-                   callback: Optional[Callable[[Dict[str, Any]], None]] = None) -> TrainResult:
+                   callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+                   dtu_calibration: Optional[DTUCalibration] = None) -> TrainResult:
     """Train (or resume) ViewNeTI mappers on ``scenes``; see the module docstring.
 
     ``pretrained``: a ``ViewNetiModel`` whose view mapper modes 4/5 start from (required there).
     ``dtu_camera_range``: the DTU normalisation for fresh view mappers on DTU tokens (modes 2/3).
     ``progress`` counts optimiser steps and stops on interrupt (a checkpoint is written first when ``out_dir``
     is set). ``callback`` gets {step, loss, lr, skipped, seconds} after every step.
+    ``dtu_calibration``: the DTU calibration cameras of DTU data (default: the pretrained model's); they are
+    stored in the view file and kept with the returned model, so DTU camera indices and orbits work on it.
+    The view range (DTU numbers or spherical tokens) is stored too: the view file alone loads back complete.
     """
     config = ViewNetiTrainConfig.from_dict(config) if isinstance(config, dict) else config
     if torch.is_inference_mode_enabled():
@@ -682,8 +686,17 @@ def train_viewneti(backend: SDBackend, scenes: Sequence[TrainingScene], config: 
     data_cfg: Dict[str, Any] = {"camera_representation": "dtu-12d" if representation == "dtu-12d" else "spherical",
                                 "placeholder_object_tokens": list(objects), "training_view_tokens": all_tokens,
                                 "augmentation": config.augmentation, "resolution": [width, height]}
+    if dtu_calibration is None and pretrained is not None:
+        dtu_calibration = getattr(pretrained, "dtu_calibration", None)
+    if not isinstance(view_range, DTUCameraRange):
+        dtu_calibration = None
+    range_tokens = _range_tokens(view_range, all_tokens, pretrained) if view_mapper is not None else []
     if isinstance(view_range, DTUCameraRange):
         data_cfg["dtu_camera_range"] = view_range.to_numbers()
+        if dtu_calibration is not None:
+            data_cfg["dtu_calibration"] = calibration_to_config(dtu_calibration)
+    elif isinstance(view_range, SphericalViewRange):
+        data_cfg["view_range_tokens"] = range_tokens
     run_cfg = {"learnable_mode": mode, "model": model_cfg, "data": data_cfg,
                "optim": {"learning_rate": config.learning_rate, "scale_lr": config.scale_lr, "effective_lr": lr,
                          "train_batch_size": config.batch_size,
@@ -697,7 +710,7 @@ def train_viewneti(backend: SDBackend, scenes: Sequence[TrainingScene], config: 
 
     embeds = {}
     if view_mapper is not None:
-        for token in _range_tokens(view_range, all_tokens, pretrained):
+        for token in range_tokens:
             embeds[token] = embedding[view_id].detach().float().cpu()
     for token in objects:
         embeds[token] = embedding[object_id].detach().float().cpu()
@@ -781,7 +794,7 @@ def train_viewneti(backend: SDBackend, scenes: Sequence[TrainingScene], config: 
         final_view = _trainable_copy(view_mapper).train(False).requires_grad_(False)
     final_objects = {k: _trainable_copy(m).train(False).requires_grad_(False) for k, m in objects.items()}
     model = ViewNetiModel(final_view, final_objects, dict(run_cfg, step=step), view_range,
-                          [t for t in embeds if t.startswith("<view_")])
+                          [t for t in embeds if t.startswith("<view_")], dtu_calibration)
     return TrainResult(model, step, losses, skipped, time.perf_counter() - start_time, lr, files)
 
 
@@ -915,11 +928,12 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SystemExit("viewneti-train: give --folder (images + cameras) or --dtu-root with --dtu-scan")
     representation = "none" if args.mode == 0 else args.representation
     tokens = list(args.object_token)
-    dtu_range = DTUCameraRange.from_calibration_folder(args.calibration) if args.calibration else None
+    calibration = DTUCalibration.from_folder(args.calibration) if args.calibration else None
     scenes = []
     if args.dtu_root:
-        scenes, dtu_range = scenes_from_dtu(args.dtu_root, args.dtu_scan, args.dtu_subset, args.calibration,
-                                            tokens or None)
+        scenes, calibration = scenes_from_dtu(args.dtu_root, args.dtu_scan, args.dtu_subset, args.calibration,
+                                              tokens or None, return_calibration=True)
+    dtu_range = calibration.camera_range() if calibration is not None else None
     for i, folder in enumerate(args.folder):
         token = tokens[i] if i < len(tokens) else (f"<scene{i}>" if args.mode == 3 else DEFAULT_OBJECT_TOKEN)
         scenes.append(scene_from_multiview(load_folder(folder), representation, token, name=Path(folder).name))
@@ -940,7 +954,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from ..vivid.training import LossProgress  # console bar with the loss and a log line every N steps
 
     result = train_viewneti(backend, scenes, config, pretrained, dtu_range,
-                            progress=lambda total, desc: LossProgress(total, desc, log_every=50))
+                            progress=lambda total, desc: LossProgress(total, desc, log_every=50),
+                            dtu_calibration=calibration)
     tail = result.losses[-50:]
     print(json.dumps({"steps": result.step, "seconds": round(result.seconds, 1),
                       "loss_last50": round(sum(tail) / max(len(tail), 1), 5), "skipped_steps": result.skipped_steps,

@@ -29,7 +29,6 @@ ComfyUI embedding ``<name>.safetensors`` (``{"emb_params": [1, D]}``, the A1111 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -482,49 +481,3 @@ def train_textual_inversion(backend: SDBackend, image: torch.Tensor, config: Uni
         files["config"].write_text(json.dumps({**cfg.to_dict(), "effective_learning_rate": lr, "steps_done": step,
                                                "skipped_steps": skipped}, indent=2, default=str))
     return result
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("textual-inversion", help="learn a token for one photo (RealFusion's first stage)")
-    parser.add_argument("image", help="the photo (RGB or RGBA)")
-    parser.add_argument("--sd", required=True, help="SD 1.5 diffusers folder or single-file checkpoint")
-    parser.add_argument("--config", default="sd15", help="config folder for a single-file checkpoint")
-    parser.add_argument("--out", required=True, help="output folder (learned_embeds.bin, <name>.safetensors)")
-    parser.add_argument("--token", default="_object_", help="placeholder token")
-    parser.add_argument("--init", default="object", help="single-token initializer word")
-    parser.add_argument("--mask", default=None, help="mask image for --background white")
-    parser.add_argument("--background", choices=BACKGROUNDS, default="photo")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--pixel-range", choices=PIXEL_RANGES, default="published")
-    parser.add_argument("--no-augmentations", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.set_defaults(func=_run_cli)
-    return parser
-
-
-def _run_cli(args) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from .sd.diffusers_backend import load_diffusers_folder, load_single_file
-
-    sd = Path(args.sd)
-    backend = (load_diffusers_folder(sd, device=args.device) if sd.is_dir()
-               else load_single_file(sd, args.config, device=args.device))
-    image = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGBA"), dtype=np.float32) / 255)
-    if Image.open(args.image).mode not in ("RGBA", "LA"):
-        image = image[..., :3]
-    mask = (torch.from_numpy(np.asarray(Image.open(args.mask).convert("L"), dtype=np.float32) / 255)
-            if args.mask else None)
-    cfg = TextualInversionConfig(placeholder_token=args.token, initializer_token=args.init, steps=args.steps,
-                                 learning_rate=args.lr, pixel_range=args.pixel_range,
-                                 augmentations=not args.no_augmentations, background=args.background, seed=args.seed)
-    result = train_textual_inversion(backend, image, cfg, mask, out_dir=args.out)
-    path = save_comfy_embedding(Path(args.out) / f"{args.token.strip('_<>') or 'embedding'}.safetensors",
-                                result.token, result.vector, cfg.to_dict())
-    print(json.dumps({"token": result.token, "steps": result.step, "skipped": result.skipped_steps,
-                      "embedding": str(path), "learned_embeds": str(result.files["learned_embeds"])}))

@@ -24,6 +24,8 @@ SAMPLE_IMAGE = f"realfusion_{SAMPLE}.png"
 SAMPLE_MASK = f"realfusion_{SAMPLE}_mask.png"
 SAMPLE_EMBEDDING = f"realfusion_{SAMPLE}"  # models/embeddings/realfusion_cat_statue.bin (the published file)
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+ADAPTER_CHECKPOINT = "v2-1_512-ema-pruned.safetensors"
+ADAPTER_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
 
 def ball_field():
@@ -196,8 +198,11 @@ def build_workflows():
 
     # 3. NVS-Adapter views of the same photo as extra supervision of the field
     wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
-    ckpt = wf.add("CheckpointLoaderSimple", (40, 40), size=(340, 110), ckpt_name=CHECKPOINT)
-    vision = wf.add("CLIPVisionLoader", (40, 190), size=(340, 90), clip_name="clip_vision_h.safetensors")
+    ckpt = wf.add("CheckpointLoaderSimple", (40, 40), title="SD 1.5 (RealFusion)", size=(340, 110),
+                  ckpt_name=CHECKPOINT)
+    sd21 = wf.add("CheckpointLoaderSimple", (40, 1040), title="SD 2.1 base (NVS-Adapter)", size=(340, 110),
+                  ckpt_name=ADAPTER_CHECKPOINT)
+    vision = wf.add("CLIPVisionLoader", (40, 190), size=(340, 90), clip_name=ADAPTER_CLIP_VISION)
     photo = wf.add("LoadImage", (40, 320), title="Photo", size=(340, 320), image=SAMPLE_IMAGE, extra_widgets=["image"])
     mask = wf.add("LoadImageMask", (40, 680), title="Mask", size=(340, 320), image=SAMPLE_MASK, channel="red",
                   extra_widgets=["image"])
@@ -215,8 +220,8 @@ def build_workflows():
     generated = wf.add("PreviewImage", (820, 640), title="NVS-Adapter views", size=(380, 300))
     export_id = wf.add("NVSFieldExportMesh", (1660, 40), size=(340, 260), resolution=256, format="glb",
                        textured=False, filename_prefix=f"nvs/realfusion_{SAMPLE}_nvsadapter")
-    for src, name, dst, slot in ((ckpt, "MODEL", sampler, "model"), (ckpt, "CLIP", sampler, "clip"),
-                                 (ckpt, "VAE", sampler, "vae"), (vision, "CLIP_VISION", sampler, "clip_vision"),
+    for src, name, dst, slot in ((sd21, "MODEL", sampler, "model"), (sd21, "CLIP", sampler, "clip"),
+                                 (sd21, "VAE", sampler, "vae"), (vision, "CLIP_VISION", sampler, "clip_vision"),
                                  (loader, "nvs_adapter", sampler, "nvs_adapter"),
                                  (photo, "IMAGE", sampler, "reference_image"),
                                  (ref_cam, "cameras", sampler, "reference_camera"),
@@ -230,8 +235,9 @@ def build_workflows():
         wf.connect(src, name, dst, slot)
     _preview3d(wf, export_id, "mesh_path", (1660, 340), "Mesh")
     wf.add("MarkdownNote", (1240, 640), title="Read me", size=(380, 380), text=(
-        "## NVS-Adapter views as extra supervision for RealFusion\n\n" + photo_note + " NVS-Adapter needs its "
-        "adapter file in `models/nvs/nvs_adapter/` and a CLIP ViT-H vision model.\n\nNVS-Adapter first generates "
+        "## NVS-Adapter views as extra supervision for RealFusion\n\n" + photo_note + " NVS-Adapter runs on "
+        f"Stable Diffusion 2.1 base (`{ADAPTER_CHECKPOINT}`) with its adapter file in `models/nvs/nvs_adapter/` and "
+        f"the OpenCLIP ViT-H vision model (`{ADAPTER_CLIP_VISION}`).\n\nNVS-Adapter first generates "
         "views of the photo at the orbit cameras; they enter the field fit as an NVS_MULTIVIEW with their "
         "cameras (`multiview_weight` sets their reconstruction weight) while SDS shapes the rest. No published "
         "code combines the two."))

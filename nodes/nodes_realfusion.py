@@ -119,6 +119,9 @@ def _photo(image: torch.Tensor, mask) -> torch.Tensor:
         log.warning("NVS RealFusion Reconstruct: %d images given, using the first", image.shape[0])
     image = image[:1]
     if mask is not None:
+        if isinstance(mask, torch.Tensor) and mask.numel() and float(mask.max()) <= 0.01:
+            raise ValueError("image/mask: the object mask is empty (LoadImage gives an all-zero mask for a photo "
+                             "without alpha): connect the object's silhouette, e.g. from a background-removal node")
         mask = check_mask(mask, "mask", 1, image.shape[1], image.shape[2])[0]
         # ComfyUI's LoadImage gives MASK = 1 - alpha (1 on the background); accept both, say which
         border = torch.cat([mask[0], mask[-1], mask[:, 0], mask[:, -1]])

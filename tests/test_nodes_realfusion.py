@@ -103,6 +103,7 @@ def test_reconstruct_mask_input_and_inverted_mask(reconstruct):
 @pytest.mark.parametrize("image, mask, message", [
     (torch.rand(1, 16, 16, 3), None, "no alpha channel"),
     (torch.rand(1, 16, 16, 3), torch.zeros(1, 16, 16), "empty"),
+    (torch.rand(1, 16, 16, 3), torch.zeros(1, 64, 64), "empty.*LoadImage"),  # LoadImage of a photo without alpha
     (torch.rand(1, 16, 16, 3), torch.ones(1, 16, 16), "whole image"),
     (torch.rand(1, 16, 16, 3), torch.ones(1, 8, 8), "mask"),
 ])

@@ -17,8 +17,12 @@ inside functions. Every version-sensitive call of this adapter is in this module
 - All of it lives on a ``clone()`` of the incoming MODEL. The state object behind the patches holds no
   heavy tensors itself and is shared rather than deep-copied when ComfyUI copies ``transformer_options``.
 - (c) ``unet``/``predict_noise`` call the patched clone's diffusion model directly (the same
-  transformer_options a sampler would pass); ``differentiable=True`` adds identity weight wrappers so that
-  backward works through ComfyUI's inference-mode weights.
+  transformer_options a sampler would pass). ``differentiable=True`` (outside inference mode): the call runs
+  through ``torch.func.functional_call`` with ordinary-tensor aliases of the loaded weights that are inference
+  tensors (same storage, no copy), so backward works through ComfyUI's inference-mode UNet without the
+  identity weight wrappers that made ComfyUI copy every weight per forward (and keep the copies for backward:
+  the whole UNet again, 3.3 GB fp32 for SD 2.1). ``patch_model(differentiable=True)`` keeps the wrappers for a
+  patched MODEL that ComfyUI's own samplers would run with gradients.
 - (d) text: a transformers ``CLIPTextModel`` copy of the CLIP's weights up to the layer ComfyUI uses
   (e.g. SD 2.x penultimate), so ``encode_text`` with injected vectors matches ComfyUI's own encoding.
 - (e) VAE: the CLIP-free LDM autoencoder of the VAE object; encoding samples the posterior like
@@ -150,6 +154,23 @@ def patch_model(model, patches: UNetPatches, differentiable: bool = False):
 
 def _identity(weight):
     return weight
+
+
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """An ordinary (non-inference) tensor sharing an inference tensor's storage: no copy, and autograd may save
+    it for backward. Other tensors are returned as they are."""
+    if not tensor.is_inference() or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return tensor
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+            tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+def ordinary_weights(module: torch.nn.Module) -> dict:
+    """{name: ordinary alias} for the module's parameters and buffers that are inference tensors (ComfyUI loads
+    models inside inference mode), for ``torch.func.functional_call``."""
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return {name: _ordinary(t) for name, t in named if t.is_inference()}
 
 
 def model_context_dim(model):
@@ -291,13 +312,11 @@ class ComfySDBackend(SDBackend):
     def patched_model(self, patches: UNetPatches):
         key = (id(patches.contexts), id(patches.after_self_attention), id(patches.unet_wrapper))
         if key not in self._patched:
-            self._patched[key] = (patches, patch_model(self.model, patches, self.differentiable))
+            self._patched[key] = (patches, patch_model(self.model, patches))
         return self._patched[key][1]
 
     def _unpatched(self):
-        if not self.differentiable:
-            return self.model
-        return self.patched_model(UNetPatches())
+        return self.model
 
     def unet(self, latents, timesteps, context, chunks=None, patches=None):
         import comfy.model_management
@@ -316,9 +335,15 @@ class ComfySDBackend(SDBackend):
         options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
         options["cond_or_uncond"] = [0 if label == COND else 1 for label in chunks]
         options["sigmas"] = self.model_sampling.sigma(timesteps[:rows])
-        output = base.diffusion_model(latents.to(device=device, dtype=dtype), timesteps,
-                                      context=context.to(device=device, dtype=dtype), control=None,
-                                      transformer_options=options)
+        args = (latents.to(device=device, dtype=dtype), timesteps)
+        kwargs = dict(context=context.to(device=device, dtype=dtype), control=None, transformer_options=options)
+        if self.differentiable and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            # the weights as loaded now (after ComfyUI's own weight patches), aliased, not copied
+            unet = base.diffusion_model
+            output = torch.func.functional_call(unet, ordinary_weights(unet), args, kwargs, tie_weights=False,
+                                                strict=False)
+        else:
+            output = base.diffusion_model(*args, **kwargs)
         return output.float().to(latents.device)
 
     # ---- (d)

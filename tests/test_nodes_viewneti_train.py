@@ -2,6 +2,7 @@
 (``make_backend`` replaced by the tiny diffusers backend), the files it saves, DTU folders and bad inputs."""
 import importlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +256,132 @@ def test_mode_5_keeps_the_pretrained_calibration(node, host, tmp_path):
     assert "(frozen)" in summary and P.calibration_of(model) is not None
     provider, _ = _apply(host, model, dtu_cameras="25")
     assert torch.equal(provider.view_params, P.dtu_rows_for_keys(pretrained, calibration, [25]).params)
+
+
+def test_differentiable_comfy_calls_alias_inference_weights_without_copies():
+    """What ComfySDBackend(differentiable=True).unet does with ComfyUI's inference-mode weights: ordinary aliases
+    of the same storage through functional_call, so backward reaches the input and no weight is copied."""
+    sd_comfy = importlib.import_module(pack.__name__ + ".nodes.sd_comfy")
+    with torch.inference_mode():  # as ComfyUI loads checkpoints
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        net.register_buffer("offset", torch.ones(2))
+    with torch.inference_mode(False):
+        x = torch.randn(3, 4, requires_grad=True)
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+            (net(x) + net.offset).sum().backward()
+        aliases = sd_comfy.ordinary_weights(net)
+        assert set(aliases) == {"0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias", "offset"}
+        for name, tensor in list(net.named_parameters()) + list(net.named_buffers()):
+            alias = aliases[name]
+            assert not alias.is_inference() and alias.data_ptr() == tensor.data_ptr() and torch.equal(alias, tensor)
+        out = torch.func.functional_call(net, aliases, (x,), tie_weights=False)
+        out.square().sum().backward()
+        with torch.no_grad():
+            expected = torch.autograd.functional.jacobian(
+                lambda v: torch.func.functional_call(net, {k: a.clone() for k, a in aliases.items()}, (v,),
+                                                     tie_weights=False).square().sum(), x.detach())
+        assert torch.allclose(x.grad, expected, atol=1e-6)
+    assert all(p.is_inference() for p in net.parameters())  # the module itself is left as it was
+
+
+# ------------------------------------------------------------------------------------------ workflow
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "viewneti_train_single_scene.json"
+TRAIN_ORBIT, NOVEL_ORBIT = 2, 6  # node ids of the training and the novel-view cameras (host test sets them)
+TRAIN_NOTE = """## Train ViewNeTI on one scene, then render new views
+
+*NVS ViewNeTI Train* learns a **view mapper** and an **object mapper** for the connected SD model (the paper uses \
+SD 2.1 768-v, `v2-1_768-ema-pruned.safetensors`) from a few images with known cameras. Here the images are 6 renders \
+of a procedural object; connect your own with *NVS Load Multiview Folder* (images + `cameras.json`/`transforms.json`), \
+a DTU scan (*NVS Load DTU Scan*, or the node's `dtu_folder`, `dtu_scans`, `dtu_subset` inputs), or an IMAGE batch \
+with one NVS_CAMERA per image.
+
+Learnable modes: **0** object only; **2** fresh view + object (this workflow); **3** shared view mapper + one object \
+per scene; **4/5** start from the published pretrained view mapper (*NVS ViewNeTI Loader* with \
+`mapper-steps-50000_view.pt` and the DTU calibration) and train / freeze it; the published DTU results use mode 5 \
+with `dtu_subset` 1 or 3.
+
+Recipe as published: 3000 steps, batch 3 x accumulation 3, lr 1e-3 scaled to 9e-3, augmentation key 7. That is a \
+GPU job (each step runs the UNet 9 times forward and backward and the text encoder 16 times per micro-batch); on a \
+CPU try `width`/`height` 256, batch 1, accumulation 1 and a few hundred steps.
+
+**Right after training** the trained mappers go straight into *NVS ViewNeTI Apply*: the *Novel views* cameras \
+(between the training views, same elevation and distance) are rendered by the stock KSampler; the latent \
+`batch_size` must equal their count (3). Views outside the training cameras' range are refused (max_extrapolation).
+
+Checkpoints go to `output/nvs_viewneti_training/<output_name>/` (queue again with more steps to resume); the mappers \
+are saved as `models/nvs/viewneti/<output_name>_view / _object / _learned_embeds.safetensors`. The view file keeps \
+the camera range (and, for DTU data, the calibration cameras), so *NVS ViewNeTI Loader* with the `_view` and \
+`_object` files alone renders them later."""
+
+
+def build_train_workflow():
+    """The training workflow (regenerate with ``python -m tests.test_nodes_viewneti_train``)."""
+    from tests.test_nodes_viewneti import CHECKPOINT_NAME
+    from tests.ui_workflow import UIWorkflow
+
+    wf = UIWorkflow(pack.NODE_CLASS_MAPPINGS)
+    ckpt = wf.add("CheckpointLoaderSimple", (40, 40), title="SD 2.1 768-v checkpoint", size=(340, 100),
+                  ckpt_name=CHECKPOINT_NAME)
+    train_orbit = wf.add("NVSOrbitCameras", (40, 200), title="Training cameras (6 views on an orbit)",
+                         size=(340, 250), count=6, elevation=20.0, azimuth_start=0.0, azimuth_sweep=300.0, radius=2.6,
+                         fov=45.0, width=512, height=512)
+    scene = wf.add("NVSProceduralScene", (40, 500), title="Training object", size=(340, 130), seed=7,
+                   background="white")
+    train = wf.add("NVSViewNeTITrain", (440, 40), size=(400, 520), learnable_mode="2: view + object, fresh",
+                   steps=3000, width=512, height=512, output_name="viewneti_procedural")
+    preview = wf.add("PreviewImage", (40, 680), title="Training views", size=(340, 300))
+    novel_orbit = wf.add("NVSOrbitCameras", (440, 600), title="Novel views (between the training views)",
+                         size=(400, 250), count=3, elevation=20.0, azimuth_start=30.0, azimuth_sweep=240.0, radius=2.6,
+                         fov=45.0, width=512, height=512)
+    apply = wf.add("NVSViewNeTIApply", (880, 40), size=(400, 460), prompt_template="{view}. A photo of a {object}",
+                   negative_prompt="")
+    latent = wf.add("EmptyLatentImage", (880, 550), size=(400, 110), width=512, height=512, batch_size=3)
+    sampler = wf.add("KSampler", (1320, 40), size=(320, 270), seed=0, steps=30, cfg=7.5, sampler_name="dpmpp_2m",
+                     scheduler="normal", denoise=1.0)
+    decode = wf.add("VAEDecode", (1320, 350), size=(220, 50))
+    save = wf.add("SaveImage", (1680, 40), title="Novel views of the trained scene", size=(480, 400),
+                  filename_prefix="NVS/viewneti_trained")
+    wf.add("MarkdownNote", (1320, 480), title="Read me", size=(840, 520), text=TRAIN_NOTE)
+    assert (train_orbit, novel_orbit) == (TRAIN_ORBIT, NOVEL_ORBIT)
+    for src, name, dst, slot in ((ckpt, "MODEL", train, "model"), (ckpt, "CLIP", train, "clip"),
+                                 (ckpt, "VAE", train, "vae"), (train_orbit, "cameras", scene, "cameras"),
+                                 (scene, "multiview", train, "multiview"), (scene, "images", preview, "images"),
+                                 (ckpt, "MODEL", apply, "model"), (ckpt, "CLIP", apply, "clip"),
+                                 (train, "view_mapper", apply, "view_mapper"), (novel_orbit, "cameras", apply, "cameras"),
+                                 (apply, "model", sampler, "model"), (apply, "positive", sampler, "positive"),
+                                 (apply, "negative", sampler, "negative"), (latent, "LATENT", sampler, "latent_image"),
+                                 (sampler, "LATENT", decode, "samples"), (ckpt, "VAE", decode, "vae"),
+                                 (decode, "IMAGE", save, "images")):
+        wf.connect(src, name, dst, slot)
+    return wf.to_json()
+
+
+def test_training_workflow_is_the_built_one():
+    import json
+
+    assert json.loads(WORKFLOW.read_text()) == json.loads(json.dumps(build_train_workflow()))
+
+
+def test_training_workflow_novel_views_are_inside_the_training_range():
+    """The workflow's novel cameras pass Apply's range check for the training cameras' spherical range."""
+    import json
+
+    nodes = {n["id"]: n for n in json.loads(WORKFLOW.read_text())["nodes"]}
+    train, novel = (cam.orbit(*_orbit_args(nodes[i]["widgets_values"])) for i in (TRAIN_ORBIT, NOVEL_ORBIT))
+    tokens = training.spherical_view_tokens(train)
+    model = loading.ViewNetiModel(training.new_mapper("view", 32, 1.0, 5.0, "phi", 0), {}, {},
+                                  _core("viewneti.camera_tokens").SphericalViewRange.from_tokens(tokens), tokens)
+    rows = P.spherical_rows_for_cameras(model, novel)
+    assert len(rows) == 3 and float(rows.params.abs().max()) <= 1.0
+
+
+def _orbit_args(values):
+    count, elevation, azimuth_start, azimuth_sweep, radius, fov, width, height = values
+    return (count, math.radians(elevation), math.radians(azimuth_start), math.radians(azimuth_sweep), radius,
+            math.radians(fov), width, height)
+
+
+if __name__ == "__main__":
+    import json
+
+    WORKFLOW.write_text(json.dumps(build_train_workflow(), indent=1) + "\n")

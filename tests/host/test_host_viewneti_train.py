@@ -1,7 +1,9 @@
 """ViewNeTI training inside a real ComfyUI: the example workflow through the HTTP API on the full-size random
 SD 2.1 768-v checkpoint (``models/checkpoints/random_sd21v.safetensors`` of the host), at 64x64 pixels for one
 step, so the whole path runs: ComfyUI's inference mode, cloned inputs, the differentiable ComfyUI adapter
-(identity weight wrappers), the CLIP copy with injected vectors, the VAE posterior sample, the saved files."""
+(ordinary-tensor aliases of the inference-mode weights), the CLIP copy with injected vectors, the VAE posterior
+sample, the saved files; then the trained mapper goes into NVS ViewNeTI Apply and the stock KSampler renders two
+novel views (2 steps)."""
 import json
 import os
 from pathlib import Path
@@ -22,10 +24,15 @@ def _node_id(prompt, class_type):
 
 
 def _prompt(**train):
+    from tests.test_nodes_viewneti_train import NOVEL_ORBIT, TRAIN_ORBIT
+
     prompt = ui_to_api(WORKFLOW, load_pack().NODE_CLASS_MAPPINGS)
     nodes = {node["class_type"]: node["inputs"] for node in prompt.values()}
     nodes["CheckpointLoaderSimple"]["ckpt_name"] = CHECKPOINT
-    nodes["NVSOrbitCameras"].update(count=2, width=64, height=64)
+    prompt[str(TRAIN_ORBIT)]["inputs"].update(count=2, width=64, height=64)
+    prompt[str(NOVEL_ORBIT)]["inputs"].update(count=2, azimuth_start=310.0, azimuth_sweep=20.0, width=64, height=64)
+    nodes["EmptyLatentImage"].update(width=64, height=64, batch_size=2)
+    nodes["KSampler"].update(steps=2)
     nodes["NVSViewNeTITrain"].update(dict(steps=1, batch_size=1, gradient_accumulation=1, width=64, height=64,
                                           output_name=NAME, resume=False, checkpoint_every=0) | train)
     return prompt
@@ -59,6 +66,12 @@ def test_training_workflow_runs_on_full_size_sd21v(comfy, checkpoint_available):
         model = load_viewneti(by_kind["view"], by_kind["object"], by_kind["embeds"])
         assert model.view.word_dim == 1024 and model.view.camera_representation in ("phi", "theta-phi")
         assert list(model.objects) == ["<object>"] and model.objects["<object>"].bypass_alpha == 5.0
+        alone = load_viewneti(by_kind["view"])  # the view file alone keeps the spherical range
+        assert alone.view_range == model.view_range
+        images = entry["outputs"][_node_id(prompt, "SaveImage")]["images"]
+        assert len(images) == 2  # the trained mapper rendered the two novel views
+        for image in images:
+            (comfy.output_dir / image.get("subfolder", "") / image["filename"]).unlink(missing_ok=True)
         state = comfy.output_dir / "nvs_viewneti_training" / NAME / "training-state.safetensors"
         assert state.is_file()
     finally:

@@ -1,8 +1,8 @@
 """ViewNeTI training node: trains view/object mappers on the host's own SD model (nvs_core.viewneti.training).
 
 Runs inside the prompt worker under ``torch.inference_mode(False)`` with cloned inputs, through the ComfyUI SD
-adapter with identity weight wrappers (``ComfySDBackend(differentiable=True)``), so gradients reach the mappers
-through ComfyUI's inference-mode UNet (research/comfyui-host.md section 8).
+adapter's differentiable path (``ComfySDBackend(differentiable=True)``: ordinary-tensor aliases of ComfyUI's
+inference-mode UNet weights, no copies), so gradients reach the mappers (research/comfyui-host.md section 8).
 """
 from __future__ import annotations
 

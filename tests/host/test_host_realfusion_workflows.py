@@ -141,7 +141,28 @@ def test_comfy_reads_both_embeddings(comfy, sample_files):
     assert shapes[SAMPLE_EMBEDDING] == [768] and shapes[TRAINED] == [1, 768]
 
 
-def test_nvs_adapter_views_to_mesh_workflow(comfy, sample_files, nvsa_files):  # noqa: F811
+def _available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 2 ** 20
+    except (OSError, KeyError, ValueError):
+        return float("inf")
+
+
+HEAVY_GIB = 16
+
+
+@pytest.fixture
+def enough_memory():
+    """The NVS-Adapter workflow holds SD 2.1 base, ViT-H, a full-size adapter and SD 1.5 in fp32 at once (~13 GiB
+    of weights on a CPU server); NVS_HOST_HEAVY=1 runs it regardless."""
+    if os.environ.get("NVS_HOST_HEAVY") != "1" and _available_gib() < HEAVY_GIB:
+        pytest.skip(f"needs about {HEAVY_GIB} GiB of free memory (SD 2.1 + ViT-H + adapter + SD 1.5 in fp32), "
+                    f"{_available_gib():.1f} GiB available; set NVS_HOST_HEAVY=1 to run anyway")
+
+
+def test_nvs_adapter_views_to_mesh_workflow(comfy, sample_files, enough_memory, nvsa_files):  # noqa: F811
     prompt = _prompt("nvs_adapter_views_to_mesh.json")
     entry = _run(comfy, prompt, timeout=3000)
     _check_mesh(comfy, entry, prompt)

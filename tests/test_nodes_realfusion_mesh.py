@@ -189,7 +189,9 @@ def build_workflows():
                                  (train, "embedding", show, "source"), (train, "summary", summary, "source")):
         wf.connect(src, name, dst, slot)
     wf.add("MarkdownNote", (840, 520), title="Read me", size=(400, 360), text=(
-        "## Textual inversion on one photo (RealFusion's first stage)\n\n" + photo_note.split(" The published")[0]
+        "## Textual inversion on one photo (RealFusion's first stage)\n\n" + f"**Input.** `{SAMPLE_IMAGE}` is "
+        f"`image.png` of the `{SAMPLE}` example of RealFusion (in this pack's shared samples); put it in ComfyUI's "
+        "`input/` folder. The checkpoint is any Stable Diffusion 1.5."
         + f"\n\nThe learned vector is saved as `models/embeddings/my_{SAMPLE}.safetensors`: write "
         f"`embedding:my_{SAMPLE}` in any SD 1.5 prompt, e.g. in NVS RealFusion Reconstruct. The published run is "
         "3000 steps of 4 accumulated 512 px samples (about an hour on a V100); `pixel_range` reproduces or fixes "

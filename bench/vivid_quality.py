@@ -2,15 +2,18 @@
 
 Run from the repository root: ``python -m bench.vivid_quality [--quick] [--eval-only [--model PATH]]``.
 
-Trains the 32-px demo-size network for a fixed budget on procedural scenes (training seeds), then
-evaluates it on held-out objects (evaluation seeds) x 8 target views at azimuth offsets of
-+-15..90 degrees from the source, with the faithful EDM Heun sampler. The baseline outputs the
-source view for every target; both are scored in the same run (whole-image PSNR and SSIM).
+Trains the 32-px demo-size network with the demo model's recipe (``training.demo_recipe``:
+pre-training on generic procedural pairs, then fine-tuning on pairs matched to the evaluation's
+orbit; training seeds only) for a fixed budget, then evaluates it on held-out objects (evaluation
+seeds) x 8 target views at azimuth offsets of +-15..90 degrees from the source, with the faithful
+EDM Heun sampler. The baseline outputs the source view for every target; both are scored in the
+same run (whole-image PSNR and SSIM).
 ``--eval-only`` skips training and scores the committed demo model (or ``--model``). ``--quick``
 is a reduced run with the same fields. Ends with one JSON line.
 """
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -20,10 +23,11 @@ from nvs_core.vivid import training as vt
 from nvs_core.vivid.data import procedural_eval_set
 from nvs_core.vivid.demo_model import evaluate, format_comparison, load_demo_model
 
-# The full budget is the committed demo model's recipe (same config, seed and steps, one thread),
+# The full budget is the committed demo model's recipe (same configs, seeds and steps, one thread),
 # so a full run retrains that model and --eval-only scores the committed file on the same set.
-FULL = dict(steps=3250, objects=50, sampler_steps=32)
-QUICK = dict(steps=150, objects=10, sampler_steps=16)
+FULL = dict(steps=vt.DEMO_PRETRAIN["total_steps"], finetune_steps=vt.DEMO_FINETUNE["total_steps"], objects=50,
+            sampler_steps=32)
+QUICK = dict(steps=100, finetune_steps=50, objects=10, sampler_steps=16)
 VIEWS = 8
 
 
@@ -32,14 +36,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="reduced training and evaluation, same fields")
     parser.add_argument("--eval-only", action="store_true", help="evaluate a trained model without training")
     parser.add_argument("--model", default=None, help="model for --eval-only (default: the committed demo model)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 3250, quick: 150)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"pre-training steps (default: {FULL['steps']}, quick: {QUICK['steps']})")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help=f"fine-tuning steps (default: {FULL['finetune_steps']}, quick: {QUICK['finetune_steps']})")
     parser.add_argument("--objects", type=int, default=None, help="held-out objects (default: 50, quick: 10)")
     parser.add_argument("--sampler-steps", type=int, default=None, help="EDM Heun steps (default: 32, quick: 16)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps a shared machine usable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = dict(QUICK if args.quick else FULL)
-    for key in ("steps", "objects", "sampler_steps"):
+    for key in ("steps", "finetune_steps", "objects", "sampler_steps"):
         if getattr(args, key) is not None:
             budget[key] = getattr(args, key)
 
@@ -48,12 +55,15 @@ def main():
         net, translation_scale = load_demo_model(args.model)
         source = args.model or "committed demo model"
     else:
-        config = vt.TrainConfig(total_steps=budget["steps"])  # the demo recipe: see TrainConfig defaults
         start = time.perf_counter()
-        result = vt.train(config, progress=silent_progress)
-        train_seconds, steps = time.perf_counter() - start, result.step
-        net, translation_scale = result.ema, config.translation_scale
-        source = f"trained here for {steps} steps"
+        with tempfile.TemporaryDirectory(prefix="vivid_quality_") as work:
+            configs = vt.demo_recipe(work, budget["steps"], budget["finetune_steps"], checkpoint_every=0)
+            for config in configs:  # pre-training, then fine-tuning from its EMA
+                result = vt.train(config, progress=silent_progress)
+                steps += result.step
+        train_seconds = time.perf_counter() - start
+        net, translation_scale = result.ema, configs[-1].translation_scale
+        source = f"trained here for {budget['steps']} + {budget['finetune_steps']} steps"
 
     evalset = procedural_eval_set(budget["objects"], net.img_resolution, views=VIEWS,
                                   translation_scale=translation_scale)
@@ -66,7 +76,8 @@ def main():
     print(format_comparison(scores))
     result = {
         "bench": "vivid_quality", "quick": args.quick, "eval_only": args.eval_only,
-        "train_steps": steps, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "train_steps": steps, "pretrain_steps": budget["steps"] if not args.eval_only else 0,
+        "finetune_steps": budget["finetune_steps"] if not args.eval_only else 0, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "objects": budget["objects"], "views": VIEWS, "sampler_steps": budget["sampler_steps"],
         "model_psnr": scores["model"]["psnr"], "model_ssim": scores["model"]["ssim"],
         "copy_source_psnr": scores["copy_source"]["psnr"], "copy_source_ssim": scores["copy_source"]["ssim"],

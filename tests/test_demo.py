@@ -46,6 +46,21 @@ def test_committed_demo_model_is_small_and_reproducible():
     assert not net.training and translation_scale == config["meta"]["training"]["translation_scale"]
 
 
+def test_committed_demo_model_is_the_demo_recipe():
+    """The file's meta records exactly training.demo_recipe: the two commands, the fine-tuning
+    run's settings and the pre-trained network it started from."""
+    from nvs_core.vivid import training as vt
+
+    meta = load_with_config(DEMO_MODEL_PATH)[1]["meta"]
+    assert meta["reproduce"] == " && ".join(vt.demo_commands())
+    first, second = vt.demo_recipe("/tmp/vivid_runs")
+    trained = meta["training"]
+    for key in vt.RECIPE_FIELDS + ("total_steps", "network", "translation_scale"):
+        assert trained[key] == second.to_dict()[key], key
+    assert meta["step"] == second.total_steps
+    assert meta["init_from"]["step"] == first.total_steps and len(meta["init_from"]["sha256"]) == 64
+
+
 def test_missing_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="demo VIVID model"):
         load_demo_model(tmp_path / "absent.safetensors")

@@ -1,6 +1,8 @@
 """VIVID training on tiny networks: forced weight norm, loss, schedule, EMA, NaN guard, resume, pairs, CLI."""
+import argparse
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -200,6 +202,27 @@ def test_state_from_another_network_is_refused(tmp_path, scenes):
                     data=scenes).step == 1
 
 
+def test_fine_tuning_starts_from_the_given_network(tmp_path, scenes):
+    first = vt.train(_config(tmp_path / "a", total_steps=2), progress=silent_progress, data=scenes)
+    start = load_vivid(first.ema_path)
+    tuned = vt.train(_config(tmp_path / "b", total_steps=0, init_from=str(first.ema_path), seed=5),
+                     progress=silent_progress, data=scenes)
+    for (name, a), b in zip(start.state_dict().items(), tuned.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    meta = json.loads((tmp_path / "b" / "network-ema.json").read_text())["meta"]
+    assert meta["init_from"]["path"] == str(first.ema_path) and meta["init_from"]["step"] == 2
+    assert len(meta["init_from"]["sha256"]) == 64
+    # Training on from there changes the weights; a random start (same seed) differs from the loaded one.
+    moved = vt.train(_config(tmp_path / "c", total_steps=2, init_from=str(first.ema_path)), progress=silent_progress,
+                     data=scenes)
+    assert not torch.equal(moved.net.unet.out_conv.weight, start.unet.out_conv.weight)
+    fresh = vt.build_network(TINY, 5)
+    assert not torch.equal(fresh.unet.out_conv.weight, start.unet.out_conv.weight)
+    with pytest.raises(ValueError, match="init_from must be a VIVID network with this run's constructor"):
+        vt.train(_config(tmp_path / "d", total_steps=1, init_from=str(first.ema_path),
+                         network=dict(TINY, model_channels=16)), progress=silent_progress, data=scenes)
+
+
 # ------------------------------------------------------------------------------------------ pairs
 def test_multiview_pairs_shapes_and_identity_label(scenes):
     pairs = vd.MultiViewPairs(scenes, 8, translation_scale=0.5)
@@ -267,6 +290,58 @@ def test_procedural_pairs_and_disjoint_eval_seeds():
     assert vd.eval_azimuth_offsets(8) == pytest.approx([-90, -65, -40, -15, 15, 40, 65, 90])
     assert torch.allclose(ev.pairs.geometry[:4],
                           geometry_from_cameras(ev.sources[[0]], ev.targets[list(range(4))], 8, 1.0))
+
+
+def test_procedural_pairs_with_elevation_change_orbit_at_one_height():
+    ranges = vd.OrbitRanges(elevation=(math.radians(10), math.radians(30)), elevation_change=(0.0, 0.0),
+                            azimuth_offset=(math.radians(20), math.radians(20)))
+    pairs = vd.ProceduralPairs(8, ranges=ranges, samples_per_pixel=1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        cams = pairs.cameras(g)
+        height = cams.c2w[:, 1, 3] / 2.6
+        assert float(height[0]) == pytest.approx(float(height[1]), abs=1e-12)
+        assert math.sin(math.radians(10)) - 1e-9 <= float(height[0]) <= math.sin(math.radians(30)) + 1e-9
+        azimuths = torch.atan2(cams.c2w[:, 0, 3], cams.c2w[:, 2, 3])
+        assert float(torch.remainder(azimuths[1] - azimuths[0], 2 * math.pi)) == pytest.approx(math.radians(20))
+    # Independent elevations without the option (the original behaviour).
+    free = vd.ProceduralPairs(8, ranges=vd.OrbitRanges(), samples_per_pixel=1).cameras(torch.Generator().manual_seed(1))
+    assert abs(float(free.c2w[0, 1, 3] - free.c2w[1, 1, 3])) > 1e-6
+
+
+def test_demo_recipe_is_pretraining_then_matched_fine_tuning(tmp_path):
+    first, second = vt.demo_recipe(tmp_path)
+    assert first.data == vt.GENERIC_PROCEDURAL_DATA and first.init_from is None
+    assert second.data == vt.DEMO_DATA == vt.TrainConfig().data
+    assert second.init_from == str(tmp_path / "demo" / vt.EMA_FILE) and second.seed != first.seed
+    # The generic spec reproduces the generic ranges exactly (what the pre-training run used).
+    generic = vt.pairs_from_config(first, 8).ranges
+    assert generic == vd.OrbitRanges()
+    matched = vt.pairs_from_config(second, 8).ranges
+    spec = vt.DEMO_DATA
+    assert matched.elevation_change == pytest.approx(tuple(math.radians(v) for v in spec["elevation_change_deg"]))
+    assert matched.azimuth_offset == pytest.approx(tuple(math.radians(v) for v in spec["azimuth_offset_deg"]))
+    low, high = spec["azimuth_offset_deg"]
+    assert low <= -90 and high >= 90  # covers the evaluation offsets (+-15..90 degrees)
+    # The recorded command lines parse back into the same two configs.
+    parser = argparse.ArgumentParser()
+    vt.configure_parser(parser)
+    for config, command in zip(vt.demo_recipe("/tmp/vivid_runs"), vt.demo_commands("/tmp/vivid_runs")):
+        argv = shlex.split(command)[3:]
+        parsed = vt.config_from_args(parser.parse_args(argv))
+        for key in vt.RECIPE_FIELDS + ("total_steps", "network", "translation_scale"):
+            assert getattr(parsed, key) == getattr(config, key), key
+    short = vt.demo_recipe(tmp_path, pretrain_steps=3, finetune_steps=2)
+    assert [c.total_steps for c in short] == [3, 2]
+
+
+def test_cli_procedural_options_merge_over_the_matched_data():
+    parser = argparse.ArgumentParser()
+    vt.configure_parser(parser)
+    assert vt.config_from_args(parser.parse_args(["--out", "x"])).data == vt.DEMO_DATA
+    parsed = vt.config_from_args(parser.parse_args(["--out", "x", "--procedural", '{"elevation_change_deg": null}']))
+    assert parsed.data["elevation_change_deg"] is None and parsed.data["kind"] == "procedural"
+    assert parsed.data["azimuth_offset_deg"] == vt.DEMO_DATA["azimuth_offset_deg"]
 
 
 def test_mixed_pairs_draw_from_every_source(scenes):

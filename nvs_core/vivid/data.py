@@ -234,13 +234,17 @@ class OrbitRanges:
     """Where procedural cameras go (radians): on a sphere of ``radius`` around the origin, looking at it.
 
     The source azimuth is uniform over the circle; the target's azimuth is the source's plus an
-    offset uniform in ``azimuth_offset``; both elevations are uniform in ``elevation``.
+    offset uniform in ``azimuth_offset``. Without ``elevation_change`` both elevations are
+    uniform in ``elevation`` (independently); with it the source elevation is uniform in
+    ``elevation`` and the target's is the source's plus a change uniform in ``elevation_change``
+    (what an orbit at one height, as in the evaluation set, looks like for (0, 0)).
     """
 
     elevation: Tuple[float, float] = (math.radians(0.0), math.radians(40.0))
     azimuth_offset: Tuple[float, float] = (math.radians(-120.0), math.radians(120.0))
     radius: float = 2.6
     fov: float = math.radians(45.0)
+    elevation_change: Optional[Tuple[float, float]] = None
 
 
 class ProceduralPairs:
@@ -267,7 +271,11 @@ class ProceduralPairs:
         r = self.ranges
         azimuth = _uniform(generator, 0.0, 2 * math.pi)
         offset = _uniform(generator, *r.azimuth_offset)
-        elevations = _uniform(generator, *r.elevation, 2)
+        if r.elevation_change is None:
+            elevations = _uniform(generator, *r.elevation, 2)
+        else:
+            elevation = _uniform(generator, *r.elevation)
+            elevations = torch.cat([elevation, elevation + _uniform(generator, *r.elevation_change)])
         return Cameras.from_spherical(elevations, torch.cat([azimuth, azimuth + offset]), r.radius, r.fov,
                                       self.imsize, self.imsize)
 

@@ -1,8 +1,9 @@
 """The committed demo VIVID model and novel-view evaluation on held-out procedural objects.
 
 ``models/demo/vivid_procedural.safetensors`` (+ ``.json``) is a 32-px VIVID-architecture network
-trained by ``nvs_core.vivid.training`` on procedural scenes (seeds in ``data.TRAIN_SEEDS``); its
-JSON meta holds the command that reproduces it. Evaluation uses scenes from ``data.EVAL_SEEDS``
+trained by ``nvs_core.vivid.training`` on procedural scenes (seeds in ``data.TRAIN_SEEDS``) with
+``training.demo_recipe`` (pre-training on generic orbit pairs, then fine-tuning on pairs matched
+to the evaluation's orbit); its JSON meta holds the two commands that reproduce it. Evaluation uses scenes from ``data.EVAL_SEEDS``
 only and compares the faithful sampler's views with the copy-source baseline (every target
 "predicted" as the unchanged source view).
 """

@@ -57,8 +57,29 @@ DEMO_NETWORK: Dict[str, Any] = dict(
     super_res=False, uncond=False, noisy_sr=None)
 
 # Procedural units (orbit radius 2.6) -> label units: keeps the standardised translation entries
-# of the label near the range of the published statistics (RealEstate10K scale).
+# of the label near the range of the published statistics (RealEstate10K scale). The rotation
+# entries cannot be: the published STD of the rotation entries is tiny (0.009..0.23, forward-moving
+# RealEstate10K cameras), so an orbit step of 15..90 degrees standardises to entries up to ~25 and
+# label norms of ~20..26. They are kept as published.
 DEMO_TRANSLATION_SCALE = 0.25
+
+# Pairs matched to the demo's evaluation (``data.procedural_eval_set``: targets at the source's
+# elevation, azimuth offsets +-15..90 degrees): source elevation 5..35 degrees, the target within
+# +-5 degrees of it, azimuth offsets uniform in +-100 degrees. The generic procedural pairs
+# (``OrbitRanges`` defaults: independent elevations 0..40, offsets +-120) put only about a fifth
+# of the pairs in that range.
+DEMO_DATA: Dict[str, Any] = {"kind": "procedural", "elevation_deg": [5.0, 35.0], "elevation_change_deg": [-5.0, 5.0],
+                             "azimuth_offset_deg": [-100.0, 100.0]}
+GENERIC_PROCEDURAL_DATA: Dict[str, Any] = {"kind": "procedural", "elevation_deg": [0.0, 40.0],
+                                           "elevation_change_deg": None, "azimuth_offset_deg": [-120.0, 120.0]}
+
+# The committed demo model's recipe, two runs of this module: (1) pre-training from scratch on
+# generic procedural pairs, (2) fine-tuning its exported EMA on the matched pairs (fresh Adam,
+# schedule and EMA; another data seed). Settings that are not listed are the TrainConfig defaults.
+DEMO_PRETRAIN: Dict[str, Any] = dict(data=GENERIC_PROCEDURAL_DATA, total_steps=3250, batch_size=16, ref_lr=0.01,
+                                     lr_ref_steps=2000, lr_rampup_steps=100, seed=0)
+DEMO_FINETUNE: Dict[str, Any] = dict(data=DEMO_DATA, total_steps=300, batch_size=16, ref_lr=0.006,
+                                     lr_ref_steps=2000, lr_rampup_steps=50, seed=1)
 
 
 @dataclass
@@ -66,13 +87,14 @@ class TrainConfig:
     """Everything a run depends on (stored with its checkpoints).
 
     ``data``: ``{"kind": "procedural"}`` (optional ``elevation_deg``, ``azimuth_offset_deg``,
-    ``radius``, ``fov_deg``, ``samples_per_pixel``), ``{"kind": "folders", "paths": [...]}`` or
+    ``elevation_change_deg`` (None: independent elevations), ``radius``, ``fov_deg``,
+    ``samples_per_pixel``; default: the demo's :data:`DEMO_DATA`), ``{"kind": "folders", "paths": [...]}`` or
     ``{"kind": "re10k", "pose_files": [...], "stride": 1, "max_gap": None}``; ignored when
     ``train`` is given data directly. Step counts replace EDM2's image counts (t = steps * batch).
     """
 
     network: Dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEMO_NETWORK))
-    data: Dict[str, Any] = field(default_factory=lambda: {"kind": "procedural"})
+    data: Dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEMO_DATA))
     translation_scale: float = DEMO_TRANSLATION_SCALE
     homography_fraction: float = 0.0
     total_steps: int = 1000
@@ -92,6 +114,10 @@ class TrainConfig:
     resume: bool = True
     device: str = "cpu"
     reproduce: str = ""  # the command line that made this run (stored in the checkpoint meta)
+    # Fine-tuning: start from the weights of this VIVID network file (our safetensors + JSON, e.g. a
+    # previous run's network-ema.safetensors) instead of a random initialisation; the optimizer,
+    # schedule and EMAs start afresh. Its constructor must equal ``network``.
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         if self.batch_size % self.accumulation_rounds:
@@ -114,7 +140,8 @@ class TrainConfig:
 # Config fields a resumed run must share with the saved one (the rest: length, paths, device, logging,
 # which tracked EMA is exported).
 RECIPE_FIELDS = ("data", "translation_scale", "homography_fraction", "batch_size", "ref_lr",
-                 "lr_ref_steps", "lr_rampup_steps", "P_mean", "P_std", "ema_stds", "force_finite", "seed")
+                 "lr_ref_steps", "lr_rampup_steps", "P_mean", "P_std", "ema_stds", "force_finite", "seed",
+                 "init_from")
 
 
 @dataclass
@@ -235,6 +262,61 @@ def build_network(kwargs: Dict[str, Any], seed: int, device: Union[str, torch.de
     return net.to(device)
 
 
+def init_description(path: PathLike) -> Dict[str, Any]:
+    """What a fine-tuning run started from: file, SHA-256 and the start network's own provenance."""
+    import hashlib
+
+    path = Path(path)
+    _, config = load_with_config(path)
+    meta = config.get("meta", {})
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "step": meta.get("step"),
+            "reproduce": meta.get("reproduce", ""), "init_from": meta.get("init_from")}
+
+
+@torch.no_grad()
+def load_initial_weights(net: NVPrecond, path: PathLike, network: Dict[str, Any]) -> None:
+    """Copy the weights of the VIVID network file ``path`` into ``net`` (constructors must match)."""
+    tensors, config = load_with_config(path)
+    if config.get("method") != METHOD or config.get("constructor") != json.loads(json.dumps(network)):
+        raise CheckpointError(path, "init_from must be a VIVID network with this run's constructor "
+                                    f"{network}; got method {config.get('method')!r}, "
+                                    f"constructor {config.get('constructor')}")
+    net.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
+
+
+def demo_recipe(work_dir: PathLike, pretrain_steps: Optional[int] = None, finetune_steps: Optional[int] = None,
+                checkpoint_every: int = 250) -> List[TrainConfig]:
+    """The two runs that make the demo model (:data:`DEMO_PRETRAIN`, then :data:`DEMO_FINETUNE`
+    started from the first run's exported EMA), writing into ``work_dir``/demo and /demo_ft.
+    Run them in order with :func:`train`; the second run's EMA is the demo model."""
+    work_dir = Path(work_dir)
+    first = TrainConfig(**copy.deepcopy(DEMO_PRETRAIN), out_dir=str(work_dir / "demo"),
+                        checkpoint_every=checkpoint_every)
+    second = TrainConfig(**copy.deepcopy(DEMO_FINETUNE), out_dir=str(work_dir / "demo_ft"),
+                         checkpoint_every=checkpoint_every, init_from=str(work_dir / "demo" / EMA_FILE))
+    if pretrain_steps is not None:
+        first.total_steps = pretrain_steps
+    if finetune_steps is not None:
+        second.total_steps = finetune_steps
+    return [first, second]
+
+
+def demo_commands(work_dir: PathLike = "/tmp/vivid_runs", threads: int = 1, checkpoint_every: int = 100) -> List[str]:
+    """Command lines of :func:`demo_recipe` (what the demo model's JSON meta records)."""
+    commands = []
+    for config in demo_recipe(work_dir, checkpoint_every=checkpoint_every):
+        data = {k: v for k, v in config.data.items() if k != "kind"}
+        argv = ["--out", config.out_dir]
+        if config.init_from:
+            argv += ["--init-from", config.init_from]
+        argv += ["--steps", str(config.total_steps), "--batch", str(config.batch_size), "--lr", f"{config.ref_lr:g}",
+                 "--lr-ref-steps", str(config.lr_ref_steps), "--rampup-steps", str(config.lr_rampup_steps),
+                 "--seed", str(config.seed), "--threads", str(threads), "--checkpoint-every",
+                 str(config.checkpoint_every), "--log-every", "50", "--procedural", json.dumps(data)]
+        commands.append(shlex.join(["python", "-m", "nvs_core.vivid.training", *argv]))
+    return commands
+
+
 # --------------------------------------------------------------------------------------------
 # Data from the config.
 
@@ -243,10 +325,12 @@ def pairs_from_config(config: TrainConfig, imsize: int):
     spec = dict(config.data)
     kind = spec.get("kind", "procedural")
     if kind == "procedural":
+        change = spec.get("elevation_change_deg")
         ranges = vdata.OrbitRanges(
             elevation=tuple(math.radians(v) for v in spec.get("elevation_deg", (0.0, 40.0))),
             azimuth_offset=tuple(math.radians(v) for v in spec.get("azimuth_offset_deg", (-120.0, 120.0))),
-            radius=float(spec.get("radius", 2.6)), fov=math.radians(float(spec.get("fov_deg", 45.0))))
+            radius=float(spec.get("radius", 2.6)), fov=math.radians(float(spec.get("fov_deg", 45.0))),
+            elevation_change=None if change is None else tuple(math.radians(v) for v in change))
         return vdata.ProceduralPairs(imsize, vdata.TRAIN_SEEDS, ranges, config.translation_scale,
                                      samples_per_pixel=int(spec.get("samples_per_pixel", 4)))
     if kind == "folders":
@@ -272,7 +356,8 @@ def ema_config(config: TrainConfig, step: int, std: float) -> Dict[str, Any]:
     return {"method": METHOD, "class": NETWORK_CLASS, "constructor": copy.deepcopy(config.network),
             "meta": {"source": "nvs_core.vivid.training", "step": step, "ema_std": std,
                      "images_seen": step * config.batch_size, "training": config.to_dict(),
-                     "reproduce": config.reproduce}}
+                     "reproduce": config.reproduce,
+                     "init_from": init_description(config.init_from) if config.init_from else None}}
 
 
 def save_ema(path: PathLike, net: torch.nn.Module, config: TrainConfig, step: int, std: float) -> Path:
@@ -369,7 +454,10 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
     pairs = pairs_from_config(config, imsize) if data is None else vdata.pair_source(
         data, imsize, config.translation_scale, config.homography_fraction)
 
-    net = build_network(config.network, config.seed, device).train().requires_grad_(True)
+    net = build_network(config.network, config.seed, device)
+    if config.init_from:
+        load_initial_weights(net, config.init_from, config.network)
+    net = net.train().requires_grad_(True)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
     ema = PowerFunctionEMA(net, config.ema_stds)
     out_dir = Path(config.out_dir) if config.out_dir else None
@@ -503,11 +591,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="RealEstate10K pose file with its frames folder next to it (repeatable)")
     parser.add_argument("--stride", type=int, default=1, help="RealEstate10K frame stride")
     parser.add_argument("--max-gap", type=int, default=None, help="largest frame distance within a pair")
+    parser.add_argument("--procedural", default=None,
+                        help="JSON object of procedural data options merged over the demo's "
+                             f"{json.dumps({k: v for k, v in DEMO_DATA.items() if k != 'kind'})}")
     parser.add_argument("--homography-fraction", type=float, default=0.0,
                         help="fraction of single-image rotation-homography pairs (folders / re10k data)")
     parser.add_argument("--translation-scale", type=float, default=d.translation_scale,
                         help="scene units -> label units for the camera translation")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune: start from this VIVID network file (e.g. a run's network-ema.safetensors)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a state")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -524,7 +617,10 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     elif args.re10k:
         data = {"kind": "re10k", "pose_files": list(args.re10k), "stride": args.stride, "max_gap": args.max_gap}
     else:
-        data = {"kind": "procedural"}
+        data = copy.deepcopy(DEMO_DATA)
+        if getattr(args, "procedural", None):
+            data.update(json.loads(args.procedural))
+            data["kind"] = "procedural"
     ema_stds = sorted({0.05, 0.10, float(args.ema_std)})
     reproduce = shlex.join(["python", "-m", "nvs_core.vivid.training", *argv]) if argv is not None else ""
     return TrainConfig(network=network, data=data, translation_scale=args.translation_scale,
@@ -533,7 +629,7 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
                        lr_ref_steps=args.lr_ref_steps, lr_rampup_steps=args.rampup_steps, P_mean=args.p_mean,
                        P_std=args.p_std, ema_stds=ema_stds, ema_export_std=float(args.ema_std), seed=args.seed,
                        out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=not args.no_resume,
-                       device=args.device, reproduce=reproduce)
+                       device=args.device, reproduce=reproduce, init_from=getattr(args, "init_from", None))
 
 
 def run_cli(args: argparse.Namespace) -> int:

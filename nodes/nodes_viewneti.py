@@ -103,8 +103,10 @@ class NVSViewNeTILoader:
                    ".safetensors + .json), an optional object mapper (mapper-steps-N_object.pt of a trained scene) "
                    "and optional learned_embeds (training view tokens; needed for spherical view mappers). DTU view "
                    "mappers normalise cameras with the min/max of the DTU calibration: give the DTU SampleSet folder "
-                   "Calibration/cal18 (default: models/nvs/viewneti/cal18) or the 24 numbers. Published pickles are "
-                   "read safely (no code from the file runs).")
+                   "Calibration/cal18 (default: models/nvs/viewneti/cal18) or the 24 numbers. Mappers saved by NVS ViewNeTI "
+                   "Train carry their camera range (and DTU calibration cameras), so their _view file needs neither "
+                   "the calibration nor learned_embeds. Published pickles are read safely (no code from the file "
+                   "runs).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (VIEW_MAPPER,)
@@ -127,7 +129,8 @@ class NVSViewNeTILoader:
                                 "SampleSet folder Calibration/cal18 (pos_001.txt ... pos_064.txt), absolute or "
                                 "relative to models/nvs/viewneti/; or the 24 range numbers (12 minima, then 12 "
                                 "maxima of P00..P23). The folder also gives DTU cameras by index and orbit placement. "
-                                "Empty: none (spherical mappers)."}),
+                                "Empty: none (spherical mappers). Mappers from NVS ViewNeTI Train use the range and "
+                                "cameras stored with them when this is empty or the default folder is missing."}),
         }, "optional": {
             "learned_embeds": ([NONE] + files, {"default": NONE, "tooltip": "learned_embeds-steps-N.bin of the same "
                                "run: its training view tokens set the range of spherical (theta, phi) view mappers.",

@@ -2,8 +2,8 @@
 :mod:`nvs_core.textual_inversion`) and save it where core ComfyUI prompts find it (``embedding:<name>``).
 
 Runs inside the prompt worker under ``torch.inference_mode(False)`` with cloned inputs, through the ComfyUI
-SD adapter with identity weight wrappers (``ComfySDBackend(differentiable=True)``) so gradients reach the
-vector through ComfyUI's inference-mode UNet (research/comfyui-host.md section 8).
+SD adapter's differentiable path (``ComfySDBackend(differentiable=True)``: ordinary-tensor views of ComfyUI's
+inference-mode weights) so gradients reach the vector through the host's UNet (research/comfyui-host.md section 8).
 """
 from __future__ import annotations
 

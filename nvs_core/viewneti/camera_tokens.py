@@ -225,8 +225,9 @@ class DTUCalibration:
 class DTUCameraRange:
     """Per-entry min and max of the 12 DTU camera numbers: the view mapper's input normalisation.
 
-    Not stored in any checkpoint: compute it from the DTU SampleSet ``Calibration/cal18`` folder
-    (:meth:`from_calibration_folder`) or give the 24 numbers (:meth:`from_numbers`).
+    Published mapper files do not store it: compute it from the DTU SampleSet ``Calibration/cal18`` folder
+    (:meth:`from_calibration_folder`) or give the 24 numbers (:meth:`from_numbers`). Mappers trained by
+    this pack store it in their view file's config.
     """
 
     mins: torch.Tensor  # (12,) float32

@@ -22,6 +22,7 @@ import torch
 from ..nvs_core.cameras import Cameras
 from ..nvs_core.checkpoints import CheckpointError
 from ..nvs_core.genvs import inputs as gin
+from ..nvs_core.imageio import CropBox, crop_cameras
 from ..nvs_core.genvs.cameras import GeNVSCameras, circle_path, from_genvs, to_genvs
 from ..nvs_core.genvs.config import NOISE_CONFIGS
 from ..nvs_core.genvs.loading import load_genvs_checkpoint
@@ -247,7 +248,7 @@ class Sources:
     cameras: GeNVSCameras           # in the network's frame
     world: GeNVSCameras             # in GeNVS's world frame (Z up, scaled)
     transform: torch.Tensor         # world -> network frame (4, 4) float64
-    box: gin.CropBox
+    box: CropBox
     alpha: bool
 
 
@@ -255,7 +256,7 @@ class Sources:
 class Targets:
     cameras: Cameras                # cropped to their centre square
     groups: List[List[int]]         # runs of targets sharing intrinsics
-    box: gin.CropBox
+    box: CropBox
     transform: torch.Tensor         # world -> network frame (the sources')
 
 
@@ -302,7 +303,7 @@ def prepare_sources(genvs: GeNVSModel, source_images, source_cameras) -> Sources
     if len(gin.intrinsics_groups(cams, rtol=1e-3)) > 1:
         raise ValueError("source_cameras: the cameras have different intrinsics; GeNVS lifts every source view "
                          "with one field of view (the first camera's): give the sources one shared intrinsics")
-    cropped, _ = gin.crop_cameras(cams)
+    cropped, _ = crop_cameras(cams)
     images01, box = gin.prepare_images(source_images, genvs.config.image_size)
     world = to_genvs(cropped, genvs.config.render_size, 0, genvs.scene_scale)
     transform = (gin.first_view_transform(world.poses[0]) if genvs.first_source_frame
@@ -320,7 +321,7 @@ def prepare_targets(genvs: GeNVSModel, target_cameras, sources: Sources, name: s
     if isinstance(target_cameras, Cameras) and len(target_cameras) == 0:
         raise ValueError(f"{name}: the camera batch is empty; give at least one target camera")
     cams = _check_cameras(target_cameras, name)
-    cropped, box = gin.crop_cameras(cams)
+    cropped, box = crop_cameras(cams)
     targets = Targets(cropped, gin.intrinsics_groups(cropped), box, sources.transform)
     _refuse_inside(genvs, _genvs_targets(genvs, targets, list(range(len(cropped))), genvs.config.render_size), name)
     return targets

@@ -16,7 +16,7 @@ import torch
 
 from ..nvs_core.cameras import Cameras
 from ..nvs_core.checkpoints import CheckpointError
-from ..nvs_core.genvs.inputs import centre_crop_box, crop_cameras
+from ..nvs_core.imageio import centre_crop_box, crop_cameras
 from ..nvs_core.nvsadapter.cameras import FOCAL_MODES, IMAGE_RESOLUTION, rays_context_for_cameras
 from ..nvs_core.nvsadapter.loading import load_nvs_adapter
 from ..nvs_core.nvsadapter.model import NVSAdapter

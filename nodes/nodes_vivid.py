@@ -23,6 +23,7 @@ import torch
 
 from ..nvs_core.cameras import Cameras
 from ..nvs_core.checkpoints import CheckpointError
+from ..nvs_core.imageio import centre_crop_box, composite_on_white
 from ..nvs_core.multiview import MultiView
 from ..nvs_core.progress import shared as shared_progress
 from ..nvs_core.vivid import loading
@@ -251,25 +252,16 @@ class NVSVIVIDLoader:
 # --------------------------------------------------------------------------------------------- sampling
 def source_pixels(image: torch.Tensor) -> torch.Tensor:
     """A ComfyUI IMAGE (1, H, W, 3|4) -> integer-valued 0..255 pixels (1, 3, H, W); alpha over white."""
-    if image.shape[-1] == 4:
-        rgb, alpha = image[..., :3], image[..., 3:]
-        image = rgb * alpha + (1.0 - alpha)
-    pixels = (image.to(torch.float32).clamp(0, 1) * 255).round()
+    pixels = (composite_on_white(image) * 255).round()
     return pixels.permute(0, 3, 1, 2).contiguous()
-
-
-def centre_crop_box(height: int, width: int) -> Tuple[int, int, int]:
-    """(top, left, side) of torchvision's ``center_crop(img, min(H, W))`` (offsets rounded half to even)."""
-    side = min(height, width)
-    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
 
 
 def crop_and_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """The original's ``resize(center_crop(img, min(H, W)), size)`` on uint8 images: bilinear with
     antialias in float, rounded back to integers (torchvision's tensor path)."""
-    top, left, side = centre_crop_box(pixels.shape[-2], pixels.shape[-1])
-    square = pixels[..., top:top + side, left:left + side]
-    if side == size:
+    box = centre_crop_box(pixels.shape[-2], pixels.shape[-1])
+    square = pixels[..., box.top:box.top + box.side, box.left:box.left + box.side]
+    if box.side == size:
         return square.clone()
     resized = vivid_sampler.resize_bilinear_antialias(square, (size, size))
     return resized.round().clamp(0, 255)
@@ -445,15 +437,16 @@ class NVSVIVIDSampler:
     def _info(image, models, res, sr_res, seeds, steps, sr_steps, guidance, batch_size, translation_scale,
               seconds) -> str:
         height, width = image.shape[1], image.shape[2]
-        top, left, side = centre_crop_box(height, width)
+        box = centre_crop_box(height, width)
         sizes = f"{res}x{res}" + (f" (base) and {sr_res}x{sr_res} (SR)" if sr_res else "")
-        note = " (upscaled: the crop is smaller than the net's resolution)" if side < (sr_res or res) else ""
+        note = " (upscaled: the crop is smaller than the net's resolution)" if box.side < (sr_res or res) else ""
         alpha = "; alpha composited over white" if image.shape[-1] == 4 else ""
         seed_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]} (seed + index)"
         guide = f"autoguidance {guidance:g} with {models.names.get('guidance', 'the guidance net')}" \
             if guidance != 1 else "no guidance"
         stages = f"{steps} steps" + (f" + {sr_steps} SR steps" if sr_res else "")
-        return (f"source {width}x{height}: centre crop {side}x{side} at x={left}, y={top}, resized to {sizes}{note}"
+        return (f"source {width}x{height}: centre crop {box.side}x{box.side} at x={box.left}, y={box.top}, "
+                f"resized to {sizes}{note}"
                 f"{alpha}\n{len(seeds)} views, seeds {seed_text}, {stages}, {guide}, batch {batch_size}, "
                 f"translation x{translation_scale:g}\n{models.device}, {seconds:.1f} s")
 

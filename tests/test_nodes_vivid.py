@@ -229,7 +229,8 @@ def test_guidance_changes_the_result_and_one_needs_no_guidance_net():
 @pytest.mark.parametrize("width, height, left, top, side", [
     (40, 24, 8, 0, 24), (24, 40, 0, 8, 24), (25, 24, 0, 0, 24), (27, 24, 2, 0, 24), (32, 32, 0, 0, 32)])
 def test_crop_follows_torchvision_center_crop(width, height, left, top, side):
-    assert nv.centre_crop_box(height, width) == (top, left, side)  # offsets round half to even
+    box = nv.centre_crop_box(height, width)
+    assert (box.top, box.left, box.side) == (top, left, side)  # offsets round half to even
     pixels = torch.arange(height * width * 3, dtype=torch.float32).reshape(1, 3, height, width) % 256
     assert torch.equal(nv.crop_and_resize(pixels, side), pixels[..., top:top + side, left:left + side])
     small = nv.crop_and_resize(pixels, 8)

@@ -4,53 +4,22 @@ GeNVS works on square images (``image_size`` for the encoder, a square render gr
 objects over a white background. Images of any size are centre-cropped to a square of side
 min(H, W) (offsets rounded half to even, as torchvision's ``center_crop``, which VIVID's node uses
 too) and resized; RGBA is composited over white first. Cameras get the same crop, so intrinsics stay
-exact: :func:`crop_cameras` returns square cameras for the cropped region.
+exact: :func:`nvs_core.imageio.crop_cameras` returns square cameras for the cropped region.
 
 Images are ComfyUI IMAGE tensors [N, H, W, C] with values 0..1; the prepared batch is (N, 3, S, S).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
 
 from ..cameras import Cameras
+from ..imageio import CropBox, centre_crop_box, composite_on_white
 from .pipeline import fit_images
 
 # A source image whose aspect ratio differs from its camera's by more than this is refused.
 ASPECT_TOLERANCE = 0.02
-
-
-@dataclass(frozen=True)
-class CropBox:
-    """The centre square taken from an image of ``width`` x ``height``."""
-
-    top: int
-    left: int
-    side: int
-    width: int
-    height: int
-
-    def describe(self) -> str:
-        if self.side == self.width == self.height:
-            return f"{self.width}x{self.height} (square: no crop)"
-        return f"{self.width}x{self.height}: centre crop {self.side}x{self.side} at x={self.left}, y={self.top}"
-
-
-def centre_crop_box(height: int, width: int) -> CropBox:
-    """The centre square of side min(H, W); offsets as torchvision's ``center_crop`` (round half to even)."""
-    side = min(int(height), int(width))
-    return CropBox(int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side, int(width), int(height))
-
-
-def composite_on_white(images: torch.Tensor) -> torch.Tensor:
-    """IMAGE [N,H,W,3|4] -> [N,H,W,3] float32 in 0..1, RGBA composited over white."""
-    images = images.to(torch.float32)
-    if images.shape[-1] == 4:
-        rgb, alpha = images[..., :3], images[..., 3:].clamp(0, 1)
-        images = rgb * alpha + (1.0 - alpha)
-    return images[..., :3].clamp(0, 1)
 
 
 def prepare_images(images: torch.Tensor, size: int) -> Tuple[torch.Tensor, CropBox]:
@@ -69,19 +38,6 @@ def check_aspect(cameras: Cameras, width: int, height: int, name: str, tolerance
         raise ValueError(f"{name}: made for {cameras.width}x{cameras.height} images but the images are "
                          f"{width}x{height} (aspect {image_aspect:.3f} vs {camera_aspect:.3f}); set the cameras' "
                          "width and height to the images' size")
-
-
-def crop_cameras(cameras: Cameras) -> Tuple[Cameras, CropBox]:
-    """The cameras of the centre square of their nominal image (square cameras of side min(W, H))."""
-    box = centre_crop_box(cameras.height, cameras.width)
-    if box.side == cameras.width == cameras.height:
-        return cameras, box
-    K = cameras.K().clone()                     # pixels of the nominal size
-    K[:, 0, 2] -= box.left
-    K[:, 1, 2] -= box.top
-    side = box.side
-    intr = torch.stack([K[:, 0, 0] / side, K[:, 1, 1] / side, K[:, 0, 2] / side, K[:, 1, 2] / side], dim=-1)
-    return Cameras(cameras.c2w, intr, side, side), box
 
 
 def intrinsics_groups(cameras: Cameras, rtol: float = 1e-6) -> List[List[int]]:

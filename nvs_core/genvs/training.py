@@ -49,13 +49,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from ..cameras import Cameras
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
+from ..imageio import centre_crop_box, crop_cameras
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
-from ..vivid.data import TRAIN_SEEDS, _randint, _uniform, centre_square
+from ..vivid.data import TRAIN_SEEDS, _randint, _uniform
 from ..vivid.training import LossProgress, _report_loss, force_finite_, step_generator
 from .cameras import to_genvs
 from .config import GeNVSConfig, NOISE_CONFIGS, SAMPLE_DENSITIES, tiny_config
@@ -223,16 +223,10 @@ def views_to_sample(images01: torch.Tensor, cameras: Cameras, size: int, render_
         raise ValueError(f"views must be IMAGE [V, H, W, 3], got {list(images01.shape)}")
     if len(cameras) != images01.shape[0]:
         raise ValueError(f"{images01.shape[0]} views but {len(cameras)} cameras: expected one camera per view")
-    h, w = images01.shape[1:3]
-    crop = min(h, w)
-    top, left = (h - crop) // 2, (w - crop) // 2
-    x = centre_square(images01).permute(0, 3, 1, 2).to(torch.float32)
+    box = centre_crop_box(*images01.shape[1:3])
+    x = images01[:, box.top:box.top + box.side, box.left:box.left + box.side].permute(0, 3, 1, 2).to(torch.float32)
     x = fit_images(x.clamp(0, 1), size)
-    # The crop's intrinsics: shift the principal point, then normalise by the crop size.
-    K = cameras.K(w, h).clone()
-    K[:, 0, 2] -= left
-    K[:, 1, 2] -= top
-    cams = Cameras.from_c2w(cameras.c2w, K, crop, crop)
+    cams, _ = crop_cameras(cameras.with_size(images01.shape[2], images01.shape[1]))
     g = to_genvs(cams, render_size, normalize=normalize)
     return ViewBatch(x[None], g.poses[None], g.intrinsics[None], g.camera_k.reshape(1).to(torch.float64),
                      g.camera_d.reshape(1).to(torch.float64))

@@ -28,6 +28,16 @@ from torch import nn
 from .config import AdapterLayer, NVSAdapterConfig
 
 
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, C) -> (..., heads, L, C / heads) (a view)."""
+    return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    """(..., heads, L, d) -> (..., L, heads * d)."""
+    return t.transpose(-3, -2).flatten(-2)
+
+
 class AdapterAttention(nn.Module):
     """The published sgm ``CrossAttention``: q/k/v without bias, ``to_out.0`` Linear with bias, SDPA."""
 
@@ -39,11 +49,21 @@ class AdapterAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA of projected (B, L, C) q and (B, S, C) k/v, heads merged back, before ``to_out``."""
+        h = self.heads
+        return _merge(F.scaled_dot_product_attention(_heads(q, h), _heads(k, h), _heads(v, h)))
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return self.to_out(self.attend(self.to_q(x), self.to_k(context), self.to_v(context)))
+
+    def single_token(self, context: torch.Tensor) -> torch.Tensor:
+        """``forward(x, context)`` for a context of one token, (R, 1, D) -> (R, 1, C), the same for every token
+        of x: the softmax over one key is exactly 1, so the attention output is the value itself (q and k
+        never matter)."""
+        if context.shape[-2] != 1:
+            raise ValueError(f"single_token: expected a context of one token, got {tuple(context.shape)}")
+        return self.to_out(self.to_v(context))
 
 
 class AdapterBlock(nn.Module):
@@ -57,34 +77,49 @@ class AdapterBlock(nn.Module):
         self.support_query_attn = AdapterAttention(dim, heads, dim)
         self.query_out_attn = AdapterAttention(dim, heads, dim)
 
+    def _composed_update(self, y: torch.Tensor, objects: int, queries: int) -> torch.Tensor:
+        """The composer's update of the query rows only, (B Q, N, C)."""
+        tokens = y.shape[1]
+        query = y[objects:].reshape(objects, queries * tokens, y.shape[-1])      # (B, Q*N, C), a view
+        module = self.support_query_attn
+        # the learnable tokens are shared by all objects: project them once
+        learnable_q = module.to_q(self.support_emb).expand(objects, -1, -1)
+        composed = module.to_out(module.attend(learnable_q, module.to_k(query), module.to_v(query)))  # (B, N_l, C)
+        return self.query_out_attn(query, composed).reshape(objects * queries, tokens, -1)
+
     def compose_queries(self, y: torch.Tensor, objects: int, queries: int) -> torch.Tensor:
         """Step 2 (without the residual): 0 for the reference rows, the composed update for the queries."""
-        support, query = torch.split(y, [objects, objects * queries], dim=0)
-        query = query.unflatten(0, (objects, queries)).flatten(1, 2)          # (B, Q*N, C)
-        learnable = self.support_emb.repeat((objects, 1, 1))
-        composed = self.support_query_attn(learnable, query)                  # (B, N_l, C)
-        out = self.query_out_attn(query, composed).unflatten(1, (queries, -1)).flatten(0, 1)
-        return torch.cat([torch.zeros_like(support), out], dim=0)
+        out = self._composed_update(y, objects, queries)
+        return torch.cat([y.new_zeros((objects,) + tuple(y.shape[1:])), out], dim=0)
 
     def cross_view(self, y: torch.Tensor, objects: int, queries: int) -> torch.Tensor:
-        """Step 3 (without the residual): reference self-attention, queries attend to their own reference."""
-        support, query = torch.split(y, [objects, objects * queries], dim=0)
+        """Step 3 (without the residual): reference self-attention, queries attend to their own reference.
+
+        The reference keys/values are projected once per object and shared by its reference row and its Q
+        query rows (one attention of (1 + Q) N query tokens over the object's N reference tokens)."""
         module = self.cross_view_attn_module
-        support_out = module(support, support)
-        repeated = support[:, None].repeat((1, queries, 1, 1)).flatten(0, 1)
-        return torch.cat([support_out, module(query, repeated)], dim=0)
+        tokens, width = y.shape[1:]
+        support = y[:objects]
+        q = module.to_q(y)
+        k, v = module.to_k(support), module.to_v(support)                         # (B, N, C)
+        support_out = module.attend(q[:objects], k, v)
+        query_out = module.attend(q[objects:].reshape(objects, queries * tokens, width), k, v)
+        out = torch.cat([support_out, query_out.reshape(objects * queries, tokens, width)], dim=0)
+        return module.to_out(out)
 
     def image_attention(self, x: torch.Tensor, image_context: torch.Tensor, objects: int) -> torch.Tensor:
-        """Step 4 (without the residual): the reference rows are returned unchanged (upstream quirk)."""
-        support, query = torch.split(x, [objects, x.shape[0] - objects], dim=0)
-        return torch.cat([support, self.image_attn_module(query, image_context[objects:])], dim=0)
+        """Step 4 (without the residual): the reference rows are returned unchanged (upstream quirk); each
+        query row gets the attention output of its one image token at every token."""
+        update = self.image_attn_module.single_token(image_context[objects:])    # (B Q, 1, C)
+        return torch.cat([x[:objects], update.expand(-1, x.shape[1], -1)], dim=0)
 
     def after_self_attention(self, x: torch.Tensor, posemb: torch.Tensor, image_context: torch.Tensor,
                              objects: int, queries: int) -> torch.Tensor:
         """Steps 2-4 on hidden ``x`` (V, N, C) with posemb tokens (V, N, C) and image rows (V, 1, D_img)."""
-        x = self.compose_queries(x + posemb, objects, queries) + x
+        x = torch.cat([x[:objects], x[objects:] + self._composed_update(x + posemb, objects, queries)], dim=0)
         x = self.cross_view(x + posemb, objects, queries) + x
-        return self.image_attention(x, image_context, objects) + x
+        image = self.image_attn_module.single_token(image_context[objects:])
+        return torch.cat([x[:objects] + x[:objects], x[objects:] + image], dim=0)
 
 
 class _Wrapped(nn.Module):

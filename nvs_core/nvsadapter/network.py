@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -91,6 +91,9 @@ class AdapterHook:
         self.layers = adapter.layers
         self.batch: Optional[AdapterBatch] = None
         self._posemb: Dict[int, torch.Tensor] = {}
+        # the ray embeddings of the last bound batch: the rays are the same at every sampling step, so later
+        # calls with equal rays (and unchanged pe_blocks weights) reuse them instead of re-running the convs
+        self._posemb_cache: Optional[Tuple[torch.Tensor, int, tuple, Dict[int, torch.Tensor]]] = None
         self.patches = UNetPatches(after_self_attention=self)
 
     def __deepcopy__(self, memo):
@@ -99,11 +102,34 @@ class AdapterHook:
     @contextmanager
     def bind(self, batch: AdapterBatch):
         previous = (self.batch, self._posemb)
-        self.batch, self._posemb = batch, {}
+        self.batch, self._posemb = batch, self._cached_posemb(batch.rays)
         try:
             yield self
         finally:
             self.batch, self._posemb = previous
+
+    def _weights_key(self) -> tuple:
+        # the pe_blocks tensors themselves (kept alive, so their storage is never reused) and their versions
+        return tuple((p.detach(), p._version) for p in self.adapter.pe_blocks.parameters())
+
+    def _cached_posemb(self, rays: torch.Tensor) -> Dict[int, torch.Tensor]:
+        """The per-level posemb dict for ``rays``: the cached one when the rays are equal (bit for bit, so the
+        convs would give the same tokens) to the cached batch's and the pe_blocks weights are the same tensors
+        at the same versions; else a fresh dict that becomes the cache."""
+        key = self._weights_key()
+        cached = self._posemb_cache
+        if cached is not None:
+            cached_rays, version, cached_key, posemb = cached
+            if (cached_rays._version == version and len(key) == len(cached_key)
+                    and all(a is b or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
+                                       and a.shape == b.shape and va == vb)
+                            for (a, va), (b, vb) in zip(key, cached_key))
+                    and cached_rays.shape == rays.shape and cached_rays.dtype == rays.dtype
+                    and cached_rays.device == rays.device and torch.equal(cached_rays, rays)):
+                return posemb
+        posemb: Dict[int, torch.Tensor] = {}
+        self._posemb_cache = (rays, rays._version, key, posemb)
+        return posemb
 
     def posemb_tokens(self, level: int) -> torch.Tensor:
         if level not in self._posemb:
@@ -129,7 +155,7 @@ class AdapterHook:
         block = self.adapter.block(call.layer)
         if block.support_emb.device != hidden.device:  # the adapter follows the UNet's compute device
             self.adapter.to(hidden.device)
-            self._posemb.clear()
+            self._posemb = self._cached_posemb(self.batch.rays)  # new weight tensors: a fresh entry
             tokens = self.posemb_tokens(layer.level)
         dtype = block.support_emb.dtype
         out = block.after_self_attention(hidden.to(dtype), tokens.to(hidden.device, dtype),

@@ -55,6 +55,7 @@ OVERRIDES = {
     "NVSVIVIDSampler": lambda tmp: {"source_image": _example("IMAGE")[:1], "source_camera": _example("NVS_CAMERA")[0],
                                     "steps": 2},
     "NVSVIVIDTrain": lambda tmp: {"network": "tiny 16px", "steps": 2, "batch_size": 2},
+    "NVSGeNVSTrain": lambda tmp: {"network": "tiny 16px", "steps": 2, "batch_size": 2},
     "NVSGeNVSLoader": lambda tmp: {"model": str(_tiny_genvs_file(tmp))},
     "NVSGeNVSSampler": lambda tmp: {"steps": 2},
     "NVSGeNVSOrbit": lambda tmp: {"steps": 2, "frames": 2},

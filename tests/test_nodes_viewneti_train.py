@@ -325,11 +325,11 @@ def build_train_workflow():
     train_orbit = wf.add("NVSOrbitCameras", (40, 200), title="Training cameras (6 views on an orbit)",
                          size=(340, 250), count=6, elevation=20.0, azimuth_start=0.0, azimuth_sweep=300.0, radius=2.6,
                          fov=45.0, width=512, height=512)
-    scene = wf.add("NVSProceduralScene", (40, 500), title="Training object", size=(340, 130), seed=7,
+    scene = wf.add("NVSProceduralScene", (40, 500), title="Training object", size=(340, 210), seed=7,
                    background="white")
     train = wf.add("NVSViewNeTITrain", (440, 40), size=(400, 520), learnable_mode="2: view + object, fresh",
                    steps=3000, width=512, height=512, output_name="viewneti_procedural")
-    preview = wf.add("PreviewImage", (40, 680), title="Training views", size=(340, 300))
+    preview = wf.add("PreviewImage", (40, 760), title="Training views", size=(340, 300))
     novel_orbit = wf.add("NVSOrbitCameras", (440, 600), title="Novel views (between the training views)",
                          size=(400, 250), count=3, elevation=20.0, azimuth_start=30.0, azimuth_sweep=240.0, radius=2.6,
                          fov=45.0, width=512, height=512)

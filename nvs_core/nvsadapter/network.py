@@ -121,9 +121,8 @@ class AdapterHook:
         if cached is not None:
             cached_rays, version, cached_key, posemb = cached
             if (cached_rays._version == version and len(key) == len(cached_key)
-                    and all(a is b or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
-                                       and a.shape == b.shape and va == vb)
-                            for (a, va), (b, vb) in zip(key, cached_key))
+                    and all(a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
+                            and a.shape == b.shape and va == vb for (a, va), (b, vb) in zip(key, cached_key))
                     and cached_rays.shape == rays.shape and cached_rays.dtype == rays.dtype
                     and cached_rays.device == rays.device and torch.equal(cached_rays, rays)):
                 return posemb

@@ -186,3 +186,26 @@ def test_reduced_precision_adapter():
     got = _run(adapter=copy.deepcopy(_adapter()).to(torch.bfloat16), **x)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_ray_embeddings_are_reused_only_while_rays_and_weights_are_unchanged():
+    adapter = tiny.randomize_(NVSAdapter(TINY_SD), torch.Generator().manual_seed(5), 0.2).train(False)
+    hook = AdapterHook(adapter)
+    batch = build_batch(**_inputs(objects=1, queries=2))
+
+    def tokens(b):
+        with torch.no_grad(), hook.bind(b):
+            return hook.posemb_tokens(0), hook._posemb
+
+    first, cache = tokens(batch)
+    again, cache_again = tokens(batch)  # a later sampling step: same rays, same weights
+    assert cache_again is cache and again is first
+    moved = build_batch(**_inputs(objects=1, queries=2, seed=4))
+    other, other_cache = tokens(moved)
+    assert other_cache is not cache and not torch.equal(other, first)
+    assert torch.equal(tokens(batch)[0], first)  # back to the first rays: recomputed, the same values
+    with torch.no_grad():
+        next(adapter.pe_blocks.parameters()).mul_(2.0)  # weights changed in place: no stale tokens
+    changed, _ = tokens(batch)
+    assert not torch.equal(changed, first)
+    assert torch.equal(changed, adapter.posemb(batch.rays, 0).flatten(2).transpose(1, 2))

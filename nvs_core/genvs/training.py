@@ -55,8 +55,10 @@ from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..imageio import centre_crop_box, crop_cameras
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
-from ..vivid.data import TRAIN_SEEDS, _randint, _uniform
-from ..vivid.training import LossProgress, _report_loss, force_finite_, step_generator
+from ..training_common import (LossProgress, add_run_arguments, apply_threads, cli_argv, force_finite_,
+                               pack_optimizer, print_summary, randint, report_loss, step_generator,
+                               tensors_under, uniform, unpack_optimizer)
+from ..vivid.data import TRAIN_SEEDS
 from .cameras import to_genvs
 from .config import GeNVSConfig, NOISE_CONFIGS, SAMPLE_DENSITIES, tiny_config
 from .encoder import preprocess
@@ -255,12 +257,12 @@ class ProceduralViews:
 
         items = []
         for _ in range(count):
-            seed = int(self.seeds[_randint(generator, len(self.seeds))])
-            azimuth = _uniform(generator, 0.0, 2 * math.pi)
-            elevation = _uniform(generator, *self.elevation)
+            seed = int(self.seeds[randint(generator, len(self.seeds))])
+            azimuth = uniform(generator, 0.0, 2 * math.pi)
+            elevation = uniform(generator, *self.elevation)
             offsets = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                 _uniform(generator, *self.azimuth_offset, self.views - 1)])
-            elevations = torch.cat([elevation, elevation + _uniform(generator, *self.elevation_change,
+                                 uniform(generator, *self.azimuth_offset, self.views - 1)])
+            elevations = torch.cat([elevation, elevation + uniform(generator, *self.elevation_change,
                                                                     self.views - 1)])
             cams = Cameras.from_spherical(elevations, azimuth + offsets, self.radius, self.fov, self.imsize,
                                           self.imsize)
@@ -286,7 +288,7 @@ class MultiViewViews:
     def sample(self, count: int, generator: torch.Generator) -> ViewBatch:
         items = []
         for _ in range(count):
-            mv = self.scenes[_randint(generator, len(self.scenes))]
+            mv = self.scenes[randint(generator, len(self.scenes))]
             pick = torch.randperm(len(mv), generator=generator)[:self.views].tolist()
             items.append(views_to_sample(mv.images[pick].cpu(), mv.cameras[pick], self.imsize, self.render_size,
                                          self.normalize))
@@ -426,7 +428,7 @@ def sample_density(cfg: GeNVSConfig, count: int, generator: torch.Generator) -> 
 def draw_step(config: TrainConfig, cfg: GeNVSConfig, batch: ViewBatch, generator: torch.Generator) -> StepDraws:
     B = len(batch)
     max_nv = min(config.max_sources, batch.images.shape[1] - 1)
-    nv = 1 + _randint(generator, max_nv)
+    nv = 1 + randint(generator, max_nv)
     S = cfg.image_size
     apply = (torch.rand(B * nv, generator=generator) < config.input_noise_prob).float()
     scale = apply * torch.rand(B * nv, generator=generator)
@@ -580,12 +582,8 @@ def save_training_state(path: PathLike, model: GeNVS, optimizer: torch.optim.Opt
     path = Path(path)
     tensors: Dict[str, torch.Tensor] = {f"net.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.ema.state_dict().items()})
-    opt = optimizer.state_dict()
-    for index, entries in opt["state"].items():
-        for name, value in entries.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    groups = pack_optimizer(optimizer, tensors)
     tensors["meta.step"] = torch.tensor(step, dtype=torch.int64)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
     meta = {"step": step, "training": config.to_dict(), "param_groups": groups, "skipped_steps": skipped,
             "rng": {"scheme": "vivid.training.step_generator(seed, step)", "seed": config.seed},
             "losses": [float(x) for x in losses], "torch": torch.__version__}
@@ -611,18 +609,9 @@ def load_training_state(path: PathLike, model: GeNVS, optimizer: torch.optim.Opt
     step = int(meta["step"])
     if int(tensors.get("meta.step", torch.tensor(-1))) != step:
         raise CheckpointError(path, "tensor file and JSON sidecar are from different steps")
-
-    def part(prefix: str) -> Dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    model.load_state_dict(part("net."), strict=True)
-    ema.ema.load_state_dict(part("ema."), strict=True)
-    state: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, value in part("optim.").items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    model.load_state_dict(tensors_under(tensors, "net."), strict=True)
+    ema.ema.load_state_dict(tensors_under(tensors, "ema."), strict=True)
+    unpack_optimizer(optimizer, tensors, meta["param_groups"])
     return step, [float(x) for x in meta.get("losses", [])], int(meta.get("skipped_steps", 0))
 
 
@@ -721,7 +710,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
                 if out_dir is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
                     checkpoint()
                     saved_step = step
-                _report_loss(bar, desc, terms["loss"])
+                report_loss(bar, desc, terms["loss"])
                 try:
                     bar.update()
                 except BaseException:
@@ -770,11 +759,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--procedural", default=None, help="JSON object of procedural data options merged over "
                         f"{json.dumps({k: v for k, v in DEMO_DATA.items() if k != 'kind'})}")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a state")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps")
+    add_run_arguments(parser, checkpoint_every=d.checkpoint_every, log_every=50)
 
 
 def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -817,17 +802,10 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    argv = getattr(args, "argv", None)
-    if argv is None:  # through ``python -m nvs_core genvs-train``: drop the sub-command
-        argv = [a for a in sys.argv[1:] if a != "genvs-train"]
-    config = config_from_args(args, argv)
+    apply_threads(args)
+    config = config_from_args(args, cli_argv(args, "genvs-train"))
     result = train(config, progress=lambda total, desc: LossProgress(total, desc, args.log_every))
-    tail = result.losses[-100:]
-    print(json.dumps({"steps": result.step, "seconds": round(result.seconds, 1),
-                      "loss_last100": round(sum(tail) / max(len(tail), 1), 5), "skipped": result.skipped,
-                      "ema": str(result.ema_path), "state": str(result.state_path)}))
+    print_summary(result, skipped=result.skipped)
     return 0
 
 

@@ -951,7 +951,7 @@ def run_cli(args: argparse.Namespace) -> int:
                                  name=args.name, out_dir=args.out, resume=not args.no_resume,
                                  reproduce=" ".join(sys.argv))
     backend = _load_backend(args)
-    from ..vivid.training import LossProgress  # console bar with the loss and a log line every N steps
+    from ..training_common import LossProgress  # console bar with the loss and a log line every N steps
 
     result = train_viewneti(backend, scenes, config, pretrained, dtu_range,
                             progress=lambda total, desc: LossProgress(total, desc, log_every=50),

@@ -28,6 +28,7 @@ from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from ..cameras import Cameras
 from ..multiview import MultiView
 from ..procedural import make_scene, render
+from ..training_common import randint as _randint, uniform as _uniform
 from .geometry import geometry_from_cameras
 
 # Procedural scene seeds: training never sees an evaluation seed.
@@ -85,14 +86,6 @@ def from_model_space(x: torch.Tensor) -> torch.Tensor:
 
 def _as_list(multiviews: MultiViews) -> List[MultiView]:
     return [multiviews] if isinstance(multiviews, MultiView) else list(multiviews)
-
-
-def _uniform(generator: torch.Generator, low: float, high: float, count: int = 1) -> torch.Tensor:
-    return low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
-
-
-def _randint(generator: torch.Generator, high: int) -> int:
-    return int(torch.randint(high, (1,), generator=generator))
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,10 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
-from ..progress import Progress, ProgressFactory, TqdmProgress, resolve
+from ..progress import ProgressFactory, resolve
+from ..training_common import (LossProgress, add_run_arguments, apply_threads, cli_argv, force_finite_,
+                               pack_optimizer, print_summary, report_loss, step_generator, tensors_under,
+                               unpack_optimizer)
 from . import data as vdata
 from .loading import METHOD, NETWORK_CLASS
 from .precond import NVPrecond
@@ -181,13 +184,6 @@ def edm2_loss(net: NVPrecond, src: torch.Tensor, dst: torch.Tensor, geometry: Op
     return weight / logvar.exp() * (denoised - dst) ** 2 + logvar
 
 
-def force_finite_(parameters) -> None:
-    """Replace NaN and +-inf in gradients by 0, in place (EDM2 ``force_finite``)."""
-    for p in parameters:
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
-
-
 def learning_rate(step: int, ref_lr: float, ref_steps: int, rampup_steps: int) -> float:
     """EDM2 schedule: ref_lr / sqrt(max(step / ref_steps, 1)), times a linear ramp-up over ``rampup_steps``."""
     lr = ref_lr
@@ -243,15 +239,6 @@ class PowerFunctionEMA:
         for b_net, b_ema in zip(self.net.buffers(), ema.buffers()):
             b_ema.copy_(b_net)
         return ema
-
-
-# --------------------------------------------------------------------------------------------
-# Determinism.
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator for one training step, a function of (seed, step) only."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint32)
-    return torch.Generator("cpu").manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 def build_network(kwargs: Dict[str, Any], seed: int, device: Union[str, torch.device] = "cpu") -> NVPrecond:
@@ -375,12 +362,8 @@ def save_training_state(path: PathLike, net: torch.nn.Module, optimizer: torch.o
     tensors: Dict[str, torch.Tensor] = {f"net.{k}": v for k, v in net.state_dict().items()}
     for i, e in enumerate(ema.emas):
         tensors.update({f"ema{i}.{k}": v for k, v in e.state_dict().items()})
-    opt = optimizer.state_dict()
-    for index, entries in opt["state"].items():
-        for name, value in entries.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    groups = pack_optimizer(optimizer, tensors)
     tensors["meta.step"] = torch.tensor(step, dtype=torch.int64)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
     meta = {"step": step, "training": config.to_dict(), "ema_stds": ema.stds, "param_groups": groups,
             "rng": {"scheme": "step_generator(seed, step)", "seed": config.seed},
             "losses": [float(x) for x in losses], "torch": torch.__version__}
@@ -410,31 +393,15 @@ def load_training_state(path: PathLike, net: torch.nn.Module, optimizer: torch.o
         raise CheckpointError(path, "tensor file and JSON sidecar are from different steps")
     if [float(s) for s in meta["ema_stds"]] != ema.stds:
         raise CheckpointError(path, f"saved EMA stds {meta['ema_stds']} differ from this run's {ema.stds}")
-
-    def part(prefix: str) -> Dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    net.load_state_dict(part("net."), strict=True)
+    net.load_state_dict(tensors_under(tensors, "net."), strict=True)
     for i, e in enumerate(ema.emas):
-        e.load_state_dict(part(f"ema{i}."), strict=True)
-    state: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, value in part("optim.").items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+        e.load_state_dict(tensors_under(tensors, f"ema{i}."), strict=True)
+    unpack_optimizer(optimizer, tensors, meta["param_groups"])
     return step, [float(x) for x in meta.get("losses", [])]
 
 
 # --------------------------------------------------------------------------------------------
 # The loop.
-
-def _report_loss(bar: Progress, desc: str, loss: float) -> None:
-    bar.desc = f"{desc} (loss {loss:.4f})"
-    set_postfix = getattr(bar, "set_postfix", None)
-    if set_postfix is not None:
-        set_postfix(loss)
-
 
 def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[ProgressFactory] = None,
           callback: Optional[Callable[[Dict[str, Any]], None]] = None, data=None) -> TrainResult:
@@ -514,7 +481,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
                 if out_dir is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
                     checkpoint()
                     saved_step = step
-                _report_loss(bar, desc, step_loss)
+                report_loss(bar, desc, step_loss)
                 try:
                     bar.update()
                 except BaseException:
@@ -531,32 +498,6 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
 
 # --------------------------------------------------------------------------------------------
 # Command line.
-
-class LossProgress(TqdmProgress):
-    """Console progress with the last loss, plus a plain log line every ``log_every`` steps."""
-
-    def __init__(self, total: int, desc: str = "", log_every: int = 100):
-        super().__init__(total, desc)
-        self.log_every = log_every
-        self.start = time.perf_counter()
-        self._recent: List[float] = []
-
-    def set_postfix(self, loss: float) -> None:
-        self._recent.append(loss)
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def update(self, n: int = 1) -> None:
-        super().update(n)
-        if self.log_every and self.done % self.log_every == 0 and self._recent:
-            mean = sum(self._recent) / len(self._recent)
-            line = f"step {self.done}/{self.total}  loss {mean:.4f}  {time.perf_counter() - self.start:.0f} s"
-            if self._bar is not None:
-                self._bar.write(line, file=sys.stderr)
-            else:
-                print(line, file=sys.stderr, flush=True)
-            self._recent = []
-
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``vivid-train`` on an argparse subparsers object (``python -m nvs_core``)."""
@@ -601,11 +542,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--init-from", default=None,
                         help="fine-tune: start from this VIVID network file (e.g. a run's network-ema.safetensors)")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a state")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--log-every", type=int, default=100, help="print the mean loss every N steps")
+    add_run_arguments(parser, checkpoint_every=d.checkpoint_every, log_every=100)
 
 
 def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -633,17 +570,10 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    argv = getattr(args, "argv", None)
-    if argv is None:  # called through ``python -m nvs_core vivid-train``: drop the sub-command
-        argv = [a for a in sys.argv[1:] if a != "vivid-train"]
-    config = config_from_args(args, argv)
+    apply_threads(args)
+    config = config_from_args(args, cli_argv(args, "vivid-train"))
     result = train(config, progress=lambda total, desc: LossProgress(total, desc, args.log_every))
-    tail = result.losses[-100:]
-    print(json.dumps({"steps": result.step, "seconds": round(result.seconds, 1),
-                      "loss_last100": round(sum(tail) / max(len(tail), 1), 5),
-                      "ema": str(result.ema_path), "state": str(result.state_path)}))
+    print_summary(result)
     return 0
 
 

@@ -1,9 +1,15 @@
 """Small helpers shared by node modules: input declarations, type names and input checks."""
 from __future__ import annotations
 
-from typing import Optional
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional, Sequence
 
 import torch
+
+from ..nvs_core.multiview import MultiView
 
 CAMERA = "NVS_CAMERA"
 MULTIVIEW = "NVS_MULTIVIEW"
@@ -78,3 +84,80 @@ def parse_indices(text: str, count: int, name: str = "indices") -> list:
         if not -count <= i < count:
             raise ValueError(f"{name}: index {i} is out of range for {count} items")
     return [i % count for i in indices]
+
+
+# --------------------------------------------------------------------------------------------- training nodes
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def train_output_name(name, method: str) -> str:
+    """A training node's output_name as a plain file stem (a trailing .safetensors is dropped)."""
+    name = name.strip() if isinstance(name, str) else ""
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _RUN_NAME.match(name):
+        raise ValueError(f"output_name: {name!r} is not a plain file name; use letters, digits, '_', '-' and '.' "
+                         f"(it becomes models/nvs/{method}/<output_name>.safetensors)")
+    return name
+
+
+def train_run_inputs(default_name: str, method: str) -> dict:
+    """The output_name and resume inputs of a training node."""
+    return {
+        "output_name": ("STRING", {"default": default_name, "tooltip": "Name of the run and of the saved "
+                        f"network models/nvs/{method}/<output_name>.safetensors."}),
+        "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint when there "
+                   "is one (same recipe needed); off starts over and overwrites it."}),
+    }
+
+
+def checkpoint_every_input() -> tuple:
+    return int_input(100, 0, 1_000_000, "Save a resumable checkpoint every N steps (0: only at the end and on "
+                     "interruption).")
+
+
+def clone_views(views: MultiView) -> MultiView:
+    """A copy with normal tensors: ComfyUI's inputs are inference tensors that autograd cannot use."""
+    def clone(t):
+        return None if t is None else t.detach().clone()
+
+    return MultiView(clone(views.images), views.cameras, masks=clone(views.masks), depth=clone(views.depth),
+                     names=list(views.names) if views.names else None)
+
+
+def training_views(multiview, why: str):
+    """(cloned views, data spec) for data_source 'multiview'; ``why`` says what the 2 views are for."""
+    if not isinstance(multiview, MultiView):
+        raise ValueError("multiview: data_source 'multiview' needs an NVS_MULTIVIEW connected (e.g. NVS Load "
+                         "Multiview Folder or NVS Procedural Scene)")
+    if len(multiview) < 2:
+        raise ValueError(f"multiview: needs at least 2 views {why}, got {len(multiview)}")
+    spec = {"kind": "multiview", "views": len(multiview), "size": list(multiview.images.shape[1:3])}
+    return clone_views(multiview), spec
+
+
+def copy_atomic(source: str, target: str) -> None:
+    """Copy through a temporary file in the target's folder, so a reader never sees half a file."""
+    folder = os.path.dirname(target)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".nvs-", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_trained(ema_path, folder: str, name: str) -> str:
+    """Copy a run's EMA network (+ .json) to ``folder/<name>.safetensors``; returns that path."""
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, f"{name}.safetensors")
+    copy_atomic(str(ema_path), target)
+    copy_atomic(str(ema_path.with_suffix(".json")), os.path.join(folder, f"{name}.json"))
+    return target
+
+
+def mean_loss_text(losses: Sequence[float], last: int = 50) -> str:
+    recent = list(losses)[-min(len(losses), last):] if losses else []
+    return f"{sum(recent) / len(recent):.4f} (mean of the last {len(recent)} steps)" if recent else "n/a"

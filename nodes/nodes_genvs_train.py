@@ -10,19 +10,17 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 
 import torch
 
 from ..nvs_core.checkpoints import CheckpointError
 from ..nvs_core.genvs import training
 from ..nvs_core.genvs.config import full_config, tiny_config
-from ..nvs_core.multiview import MultiView
 
 from . import host
-from .common import MULTIVIEW, float_input, int_input, seed_input
+from .common import (MULTIVIEW, checkpoint_every_input, export_trained, float_input, int_input, mean_loss_text,
+                     seed_input, train_output_name, train_run_inputs, training_views)
 from .nodes_genvs import GENVS, METHOD, GeNVSModel
-from .nodes_vivid import _clone_views, _copy_atomic  # inputs as ordinary tensors; atomic file copies
 
 CATEGORY = "NVS/GeNVS"
 DATA_SOURCES = ["procedural", "multiview"]
@@ -46,17 +44,6 @@ TRAIN_NETWORKS = {
     # The published network (genvs.pt, 189M parameters, 128 px): a GPU job.
     "full 128px": full_config().to_dict(),
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def _output_name(name: str) -> str:
-    name = name.strip() if isinstance(name, str) else ""
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not _NAME.match(name):
-        raise ValueError(f"output_name: {name!r} is not a plain file name; use letters, digits, '_', '-' and '.' "
-                         "(it becomes models/nvs/genvs/<output_name>.safetensors)")
-    return name
 
 
 class NVSGeNVSTrain:
@@ -91,10 +78,7 @@ class NVSGeNVSTrain:
                                          "Published: 0.0001 (with ratio 0.1)."),
             "batch_size": int_input(6, 1, 4096, "Samples (1-2 sources + target) per step."),
             "seed": seed_input("Seed of the initial weights and of every step's data, augmentation and noise."),
-            "output_name": ("STRING", {"default": "genvs_trained", "tooltip": "Name of the run and of the saved "
-                            "network models/nvs/genvs/<output_name>.safetensors."}),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint when there "
-                       "is one (same recipe needed); off starts over and overwrites it."}),
+            **train_run_inputs("genvs_trained", "genvs"),
         }, "optional": {
             "multiview": (MULTIVIEW, {"tooltip": "Training views for data_source 'multiview' (at least 2 views; "
                           "images are centre-cropped and resized, the first picked view's intrinsics are used)."}),
@@ -103,13 +87,12 @@ class NVSGeNVSTrain:
             "restart_steps": int_input(1000, 1, 10_000_000, "Cosine warm-restart period in steps: the learning "
                                        "rate falls from learning_rate to ~0 over this many steps, then restarts "
                                        "(published: every 400 epochs). Set it to steps for one cosine."),
-            "checkpoint_every": int_input(100, 0, 1_000_000, "Save a resumable checkpoint every N steps (0: only "
-                                          "at the end and on interruption)."),
+            "checkpoint_every": checkpoint_every_input(),
         }}
 
     def train(self, data_source, network, steps, learning_rate, batch_size, seed, output_name, resume,
               multiview=None, denoiser_lr_ratio=1.0, restart_steps=1000, checkpoint_every=100):
-        name = _output_name(output_name)
+        name = train_output_name(output_name, "genvs")
         if data_source not in DATA_SOURCES:
             raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_source!r}")
         if network not in TRAIN_NETWORKS:
@@ -123,13 +106,7 @@ class NVSGeNVSTrain:
                 raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
         data = None
         if data_source == "multiview":
-            if not isinstance(multiview, MultiView):
-                raise ValueError("multiview: data_source 'multiview' needs an NVS_MULTIVIEW connected (e.g. NVS Load "
-                                 "Multiview Folder or NVS Procedural Scene)")
-            if len(multiview) < 2:
-                raise ValueError(f"multiview: needs at least 2 views (sources + target), got {len(multiview)}")
-            data = _clone_views(multiview)
-            spec = {"kind": "multiview", "views": len(multiview), "size": list(multiview.images.shape[1:3])}
+            data, spec = training_views(multiview, "(sources + target)")
         else:
             spec = copy.deepcopy(training.DEMO_DATA)
 
@@ -151,16 +128,11 @@ class NVSGeNVSTrain:
             except CheckpointError as exc:
                 raise ValueError(f"resume: {exc}") from None
 
-        folder = host.model_folders(METHOD)[0]
-        os.makedirs(folder, exist_ok=True)
-        target = os.path.join(folder, f"{name}.safetensors")
-        _copy_atomic(str(result.ema_path), target)
-        _copy_atomic(str(result.ema_path.with_suffix(".json")), os.path.join(folder, f"{name}.json"))
+        target = export_trained(result.ema_path, host.model_folders(METHOD)[0], name)
         net = result.ema.to(device).train(False).requires_grad_(False)
         model = GeNVSModel(net, f"{name}.safetensors", 1.0, {"format": "trained in this session"},
                            first_source_frame=config.normalize_first_view)
-        recent = result.losses[-min(len(result.losses), 50):]
-        loss_text = f"{sum(recent) / len(recent):.4f} (mean of the last {len(recent)} steps)" if recent else "n/a"
+        loss_text = mean_loss_text(result.losses)
         if terms:
             last = terms[-min(len(terms), 50):]
             parts = ", ".join(f"{k} {sum(t[k] for t in last) / len(last):.4f}"

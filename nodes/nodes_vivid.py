@@ -11,9 +11,6 @@ import contextlib
 import copy
 import math
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,7 +21,6 @@ import torch
 from ..nvs_core.cameras import Cameras
 from ..nvs_core.checkpoints import CheckpointError
 from ..nvs_core.imageio import centre_crop_box, composite_on_white
-from ..nvs_core.multiview import MultiView
 from ..nvs_core.progress import shared as shared_progress
 from ..nvs_core.vivid import loading
 from ..nvs_core.vivid import sampler as vivid_sampler
@@ -32,7 +28,9 @@ from ..nvs_core.vivid import training
 from ..nvs_core.vivid.geometry import geometry_from_cameras
 
 from . import host
-from .common import CAMERA, MULTIVIEW, float_input, int_input, seed_input
+from .common import (CAMERA, MULTIVIEW, checkpoint_every_input, clone_views, copy_atomic, export_trained,
+                     float_input, int_input, mean_loss_text, seed_input, train_output_name, train_run_inputs,
+                     training_views)
 
 CATEGORY = "NVS/VIVID"
 VIVID = "NVS_VIVID"
@@ -465,38 +463,7 @@ TRAIN_NETWORKS = {
     "vivid-base 64px": copy.deepcopy(loading.VIVID_PRESETS["vivid-base"]),
 }
 DATA_SOURCES = ["procedural", "multiview"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def _output_name(name: str) -> str:
-    name = name.strip()
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not _NAME.match(name):
-        raise ValueError(f"output_name: {name!r} is not a plain file name; use letters, digits, '_', '-' and '.' "
-                         "(it becomes models/nvs/vivid/<output_name>.safetensors)")
-    return name
-
-
-def _copy_atomic(source: str, target: str) -> None:
-    folder = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".nvs-", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _clone_views(views: MultiView) -> MultiView:
-    """A copy with normal tensors: ComfyUI's inputs are inference tensors that autograd cannot use."""
-    def clone(t):
-        return None if t is None else t.detach().clone()
-
-    return MultiView(clone(views.images), views.cameras, masks=clone(views.masks), depth=clone(views.depth),
-                     names=list(views.names) if views.names else None)
+_clone_views, _copy_atomic = clone_views, copy_atomic  # the names nodes_viewneti_train imports
 
 
 class NVSVIVIDTrain:
@@ -527,22 +494,18 @@ class NVSVIVIDTrain:
                                          "1/sqrt(t) after 2000 steps, 100-step ramp-up)."),
             "batch_size": int_input(16, 1, 4096, "View pairs per step."),
             "seed": seed_input("Seed of the initial weights and of every step's data and noise."),
-            "output_name": ("STRING", {"default": "vivid_trained", "tooltip": "Name of the run and of the saved "
-                            "network models/nvs/vivid/<output_name>.safetensors."}),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint when there "
-                       "is one (same recipe needed); off starts over and overwrites it."}),
+            **train_run_inputs("vivid_trained", "vivid"),
         }, "optional": {
             "multiview": (MULTIVIEW, {"tooltip": "Training views for data_source 'multiview' (at least 2 views)."}),
             "translation_scale": float_input(training.DEMO_TRANSLATION_SCALE, 0.001, 1000.0, 0.001,
                                              "Scene units -> label units for camera translations (use the same "
                                              "value in the sampler); 0.25 suits the procedural orbit of radius 2.6."),
-            "checkpoint_every": int_input(100, 0, 1_000_000, "Save a resumable checkpoint every N steps (0: only "
-                                          "at the end and on interruption)."),
+            "checkpoint_every": checkpoint_every_input(),
         }}
 
     def train(self, data_source, network, steps, learning_rate, batch_size, seed, output_name, resume,
               multiview=None, translation_scale=training.DEMO_TRANSLATION_SCALE, checkpoint_every=100):
-        name = _output_name(output_name)
+        name = train_output_name(output_name, "vivid")
         if data_source not in DATA_SOURCES:
             raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_source!r}")
         if network not in TRAIN_NETWORKS:
@@ -557,13 +520,7 @@ class NVSVIVIDTrain:
             raise ValueError(f"translation_scale must be a finite number > 0, got {translation_scale}")
         data = None
         if data_source == "multiview":
-            if not isinstance(multiview, MultiView):
-                raise ValueError("multiview: data_source 'multiview' needs an NVS_MULTIVIEW connected (e.g. NVS Load "
-                                 "Multiview Folder or NVS Procedural Scene)")
-            if len(multiview) < 2:
-                raise ValueError(f"multiview: needs at least 2 views to make training pairs, got {len(multiview)}")
-            data = _clone_views(multiview)
-            spec = {"kind": "multiview", "views": len(multiview), "size": list(multiview.images.shape[1:3])}
+            data, spec = training_views(multiview, "to make training pairs")
         else:
             spec = {"kind": "procedural"}
 
@@ -582,15 +539,10 @@ class NVSVIVIDTrain:
             except CheckpointError as exc:
                 raise ValueError(f"resume: {exc}") from None
 
-        folder = host.model_folders(METHOD)[0]
-        os.makedirs(folder, exist_ok=True)
-        target = os.path.join(folder, f"{name}.safetensors")
-        _copy_atomic(str(result.ema_path), target)
-        _copy_atomic(str(result.ema_path.with_suffix(".json")), os.path.join(folder, f"{name}.json"))
+        target = export_trained(result.ema_path, host.model_folders(METHOD)[0], name)
         net = result.ema.to(device).train(False).requires_grad_(False)
         models = VividModels(net, names={"base": f"{name}.safetensors"})
-        recent = result.losses[-min(len(result.losses), 50):] if result.losses else []
-        loss_text = f"{sum(recent) / len(recent):.4f} (mean of the last {len(recent)} steps)" if recent else "n/a"
+        loss_text = mean_loss_text(result.losses)
         summary = (f"VIVID training '{name}': {network}, {data_source} data, step {result.step}/{steps} "
                    f"({len(losses)} this run, {result.seconds:.1f} s), batch {batch_size}, lr {learning_rate:g}\n"
                    f"loss {loss_text}\nnetwork: {target}\ncheckpoint: {result.state_path}\n"

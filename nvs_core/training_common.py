@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -142,3 +142,24 @@ def print_summary(result, **extra: Any) -> None:
     print(json.dumps({"steps": result.step, "seconds": round(result.seconds, 1),
                       "loss_last100": round(sum(tail) / max(len(tail), 1), 5), **extra,
                       "ema": str(result.ema_path), "state": str(result.state_path)}))
+
+
+def register_cli(subparsers, name: str, configure, run, help: str, description: str) -> argparse.ArgumentParser:
+    """Add sub-command ``name``: ``configure(parser)`` declares its arguments, ``run(args)`` runs it."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    configure(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (checkpoints; resumed from if present)")
+
+
+def cli_main(prog: str, description: str, configure, run, argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m <module>``: parse ``argv`` with ``configure``, keep it for the reproduce line, ``run``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    configure(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    return run(args)

@@ -55,9 +55,9 @@ from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..imageio import centre_crop_box, crop_cameras
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
-from ..training_common import (LossProgress, add_run_arguments, apply_threads, cli_argv, force_finite_,
-                               pack_optimizer, print_summary, randint, report_loss, step_generator,
-                               tensors_under, uniform, unpack_optimizer)
+from ..training_common import (LossProgress, add_out_argument, add_run_arguments, apply_threads, cli_argv, cli_main,
+                               force_finite_, pack_optimizer, print_summary, randint, register_cli, report_loss,
+                               step_generator, tensors_under, uniform, unpack_optimizer)
 from ..vivid.data import TRAIN_SEEDS
 from .cameras import to_genvs
 from .config import GeNVSConfig, NOISE_CONFIGS, SAMPLE_DENSITIES, tiny_config
@@ -730,18 +730,16 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``genvs-train`` on an argparse subparsers object (``python -m nvs_core``)."""
-    parser = subparsers.add_parser("genvs-train", help="train a GeNVS network on multi-view data",
-                                   description="Train or resume a GeNVS network (published objective). Writes "
-                                               "network-ema.safetensors (+ .json, loadable as a GeNVS model) and a "
-                                               "resumable training-state into --out.")
-    configure_parser(parser)
-    parser.set_defaults(func=run_cli)
-    return parser
+    return register_cli(subparsers, "genvs-train", configure_parser, run_cli,
+                        help="train a GeNVS network on multi-view data",
+                        description="Train or resume a GeNVS network (published objective). Writes "
+                                    "network-ema.safetensors (+ .json, loadable as a GeNVS model) and a "
+                                    "resumable training-state into --out.")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    parser.add_argument("--out", required=True, help="output folder (checkpoints; resumed from if present)")
+    add_out_argument(parser)
     parser.add_argument("--preset", choices=["demo", "demo-recipe", "full"], default="demo",
                         help="network: demo (32 px), demo-recipe (the demo network with the committed demo "
                              "model's optimiser settings as defaults), full (the published 128-px network)")
@@ -810,11 +808,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nvs_core.genvs.training", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    return run_cli(args)
+    return cli_main("python -m nvs_core.genvs.training", __doc__.splitlines()[0], configure_parser, run_cli, argv)
 
 
 if __name__ == "__main__":

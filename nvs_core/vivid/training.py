@@ -38,9 +38,9 @@ import torch
 
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..progress import ProgressFactory, resolve
-from ..training_common import (LossProgress, add_run_arguments, apply_threads, cli_argv, force_finite_,
-                               pack_optimizer, print_summary, report_loss, step_generator, tensors_under,
-                               unpack_optimizer)
+from ..training_common import (LossProgress, add_out_argument, add_run_arguments, apply_threads, cli_argv, cli_main,
+                               force_finite_, pack_optimizer, print_summary, register_cli, report_loss,
+                               step_generator, tensors_under, unpack_optimizer)
 from . import data as vdata
 from .loading import METHOD, NETWORK_CLASS
 from .precond import NVPrecond
@@ -501,18 +501,16 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``vivid-train`` on an argparse subparsers object (``python -m nvs_core``)."""
-    parser = subparsers.add_parser("vivid-train", help="train a VIVID network (EDM2 recipe) on view pairs",
-                                   description="Train or resume a VIVID network. Writes network-ema.safetensors "
-                                               "(+ .json, loadable as a VIVID model) and a resumable "
-                                               "training-state into --out.")
-    configure_parser(parser)
-    parser.set_defaults(func=run_cli)
-    return parser
+    return register_cli(subparsers, "vivid-train", configure_parser, run_cli,
+                        help="train a VIVID network (EDM2 recipe) on view pairs",
+                        description="Train or resume a VIVID network. Writes network-ema.safetensors "
+                                    "(+ .json, loadable as a VIVID model) and a resumable "
+                                    "training-state into --out.")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    parser.add_argument("--out", required=True, help="output folder (checkpoints; resumed from if present)")
+    add_out_argument(parser)
     parser.add_argument("--steps", type=int, default=d.total_steps, help="total optimizer steps")
     parser.add_argument("--batch", type=int, default=d.batch_size, help="pairs per step")
     parser.add_argument("--accumulation", type=int, default=d.accumulation_rounds,
@@ -578,11 +576,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nvs_core.vivid.training", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    return run_cli(args)
+    return cli_main("python -m nvs_core.vivid.training", __doc__.splitlines()[0], configure_parser, run_cli, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import load_pack
+from tests.train_nodes import COMMON_BAD_INPUTS, check_resume_rules, run_train_node, use_train_dirs
 
 pack = load_pack()
 nt = import_module(f"{pack.__name__}.nodes.nodes_genvs_train")
@@ -17,20 +18,14 @@ host = import_module(f"{pack.__name__}.nodes.host")
 
 @pytest.fixture
 def train_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("NVS_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("NVS_OUTPUT_DIR", str(tmp_path / "output"))
     ng.clear_cache()
-    return tmp_path
+    return use_train_dirs(tmp_path, monkeypatch)
 
 
 def _train(**kwargs):
-    args = dict(data_source="procedural", network="tiny 16px", steps=2, learning_rate=0.001, batch_size=1, seed=1,
-                output_name="tiny_run", resume=True, checkpoint_every=0)
-    args.update(kwargs)
-    with torch.inference_mode():  # as ComfyUI runs every node
-        out = nt.NVSGeNVSTrain().train(**args)
-    assert out["ui"]["text"] == [out["result"][1]]
-    return out["result"]
+    return run_train_node(nt.NVSGeNVSTrain, dict(data_source="procedural", network="tiny 16px", steps=2,
+                                                 learning_rate=0.001, batch_size=1, seed=1, output_name="tiny_run",
+                                                 resume=True, checkpoint_every=0), **kwargs)
 
 
 def _views(count=3, size=24):
@@ -63,12 +58,7 @@ def test_train_saves_a_loadable_model_and_resumes(train_dirs):
     assert loaded.first_source_frame
     for (key, a), b in zip(model.model.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), key
-    _, resumed = _train(steps=3)
-    assert "step 3/3 (1 this run" in resumed
-    with pytest.raises(ValueError, match="resume: .*different recipe"):
-        _train(steps=4, learning_rate=0.002)
-    _, fresh = _train(steps=1, learning_rate=0.002, resume=False)
-    assert "step 1/1 (1 this run" in fresh
+    check_resume_rules(_train, 0.002)
 
 
 def test_train_on_a_multiview_leaves_the_input_alone(train_dirs):
@@ -97,17 +87,9 @@ def test_progress_and_interrupt(train_dirs, monkeypatch):
     assert not (train_dirs / "models" / "genvs" / "q.safetensors").exists()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(output_name="../evil"), "output_name: '../evil' is not a plain file name"),
-    (dict(output_name=""), "output_name"),
-    (dict(data_source="multiview"), "multiview: data_source 'multiview' needs an NVS_MULTIVIEW"),
-    (dict(steps=0), "steps must be an integer >= 1"),
-    (dict(batch_size=0), "batch_size must be an integer >= 1"),
-    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
+@pytest.mark.parametrize("kwargs, message", COMMON_BAD_INPUTS + [
     (dict(denoiser_lr_ratio=float("nan")), "denoiser_lr_ratio must be a finite number > 0"),
     (dict(restart_steps=0), "restart_steps must be an integer >= 1"),
-    (dict(network="huge"), "network must be one of"),
-    (dict(data_source="video"), "data_source must be one of"),
 ])
 def test_train_bad_inputs(train_dirs, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import load_pack
+from tests.train_nodes import COMMON_BAD_INPUTS, check_resume_rules, run_train_node, use_train_dirs
 
 pack = load_pack()
 nv = import_module(f"{pack.__name__}.nodes.nodes_vivid")
@@ -364,19 +365,13 @@ def test_in_memory_models_need_no_files():
 # ----------------------------------------------------------------------------------------------- training
 @pytest.fixture
 def train_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("NVS_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("NVS_OUTPUT_DIR", str(tmp_path / "output"))
-    return tmp_path
+    return use_train_dirs(tmp_path, monkeypatch)
 
 
 def _train(**kwargs):
-    args = dict(data_source="procedural", network="tiny 16px", steps=2, learning_rate=0.01, batch_size=2, seed=1,
-                output_name="tiny_run", resume=True, translation_scale=0.25, checkpoint_every=0)
-    args.update(kwargs)
-    with torch.inference_mode():  # as ComfyUI runs every node
-        out = nv.NVSVIVIDTrain().train(**args)
-    assert out["ui"]["text"] == [out["result"][1]]
-    return out["result"]
+    return run_train_node(nv.NVSVIVIDTrain, dict(data_source="procedural", network="tiny 16px", steps=2,
+                                                 learning_rate=0.01, batch_size=2, seed=1, output_name="tiny_run",
+                                                 resume=True, translation_scale=0.25, checkpoint_every=0), **kwargs)
 
 
 def test_train_procedural_saves_a_loadable_net_and_resumes(train_dirs):
@@ -395,12 +390,7 @@ def test_train_procedural_saves_a_loadable_net_and_resumes(train_dirs):
                                                batch_size=2, super_resolution=False,
                                                translation_scale=0.25)["result"]
     assert images.shape == (2, 16, 16, 3)
-    _, resumed = _train(steps=3)
-    assert "step 3/3 (1 this run" in resumed
-    with pytest.raises(ValueError, match="resume: .*different recipe"):
-        _train(steps=4, learning_rate=0.02)
-    _, fresh = _train(steps=1, learning_rate=0.02, resume=False)
-    assert "step 1/1 (1 this run" in fresh
+    check_resume_rules(_train, 0.02)
 
 
 def test_train_on_a_multiview(train_dirs):
@@ -413,16 +403,7 @@ def test_train_on_a_multiview(train_dirs):
     assert views.images.is_inference()  # the input itself is left alone
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(output_name="../evil"), "output_name: '../evil' is not a plain file name"),
-    (dict(output_name=""), "output_name"),
-    (dict(data_source="multiview"), "multiview: data_source 'multiview' needs an NVS_MULTIVIEW"),
-    (dict(steps=0), "steps must be an integer >= 1"),
-    (dict(batch_size=0), "batch_size must be an integer >= 1"),
-    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
-    (dict(network="huge"), "network must be one of"),
-    (dict(data_source="video"), "data_source must be one of"),
-])
+@pytest.mark.parametrize("kwargs, message", COMMON_BAD_INPUTS)
 def test_train_bad_inputs(train_dirs, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _train(**kwargs)

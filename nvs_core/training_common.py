@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpoints import CheckpointError
 from .progress import Progress, TqdmProgress
 
 
@@ -93,6 +94,14 @@ def pack_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Te
         for name, value in entries.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
     return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+
+
+def state_step(path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> int:
+    """The step of a training state; its tensor file and JSON sidecar must agree on it."""
+    step = int(meta["step"])
+    if int(tensors.get("meta.step", torch.tensor(-1))) != step:
+        raise CheckpointError(path, "tensor file and JSON sidecar are from different steps")
+    return step
 
 
 def tensors_under(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

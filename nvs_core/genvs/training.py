@@ -57,7 +57,7 @@ from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
 from ..training_common import (LossProgress, add_out_argument, add_run_arguments, apply_threads, cli_argv, cli_main,
                                force_finite_, pack_optimizer, print_summary, randint, register_cli, report_loss,
-                               step_generator, tensors_under, uniform, unpack_optimizer)
+                               state_step, step_generator, tensors_under, uniform, unpack_optimizer)
 from ..vivid.data import TRAIN_SEEDS
 from .cameras import to_genvs
 from .config import GeNVSConfig, NOISE_CONFIGS, SAMPLE_DENSITIES, tiny_config
@@ -606,9 +606,7 @@ def load_training_state(path: PathLike, model: GeNVS, optimizer: torch.optim.Opt
     if changed:
         raise CheckpointError(path, f"resuming with a different recipe ({', '.join(changed)}); "
                                     "start a new run (another output) or turn resume off")
-    step = int(meta["step"])
-    if int(tensors.get("meta.step", torch.tensor(-1))) != step:
-        raise CheckpointError(path, "tensor file and JSON sidecar are from different steps")
+    step = state_step(path, tensors, meta)
     model.load_state_dict(tensors_under(tensors, "net."), strict=True)
     ema.ema.load_state_dict(tensors_under(tensors, "ema."), strict=True)
     unpack_optimizer(optimizer, tensors, meta["param_groups"])

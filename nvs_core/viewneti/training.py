@@ -71,6 +71,7 @@ from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
 from ..sd.interface import COND, SDBackend, UNetPatches
+from ..training_common import state_step, tensors_under, unpack_optimizer
 from .camera_tokens import (DTUCalibration, DTUCameraRange, SphericalViewRange, dtu_view_tokens_for_cameras,
                             format_spherical_view_token, is_dtu_view_token, spherical_view_from_cameras)
 from .config import fourier_sigmas
@@ -841,22 +842,14 @@ def _load_state(path: Path, mappers: Dict[str, nn.Module], optimizer, recipe) ->
     if changed:
         raise CheckpointError(path, f"resuming with a different recipe or data ({', '.join(changed)}); start a new "
                                     "run (another name/output folder) or turn resume off")
-    step = int(meta["step"])
-    if int(tensors.get("meta.step", torch.tensor(-1))) != step:
-        raise CheckpointError(path, "tensor file and JSON sidecar are from different steps")
+    step = state_step(path, tensors, meta)
     for prefix, mapper in mappers.items():
-        part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        part = tensors_under(tensors, prefix + ".")
         try:
             mapper.load_state_dict(part, strict=True)
         except RuntimeError as e:
             raise CheckpointError(path, f"mapper {prefix!r} does not match this run ({str(e).splitlines()[0]})") from None
-    state: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            index, name = key[len("optim."):].split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    unpack_optimizer(optimizer, tensors, meta["param_groups"])
     return step, [float(x) for x in meta.get("losses", [])], int(meta.get("skipped_steps", 0))
 
 

@@ -40,7 +40,7 @@ from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..progress import ProgressFactory, resolve
 from ..training_common import (LossProgress, add_out_argument, add_run_arguments, apply_threads, cli_argv, cli_main,
                                force_finite_, pack_optimizer, print_summary, register_cli, report_loss,
-                               step_generator, tensors_under, unpack_optimizer)
+                               state_step, step_generator, tensors_under, unpack_optimizer)
 from . import data as vdata
 from .loading import METHOD, NETWORK_CLASS
 from .precond import NVPrecond
@@ -388,9 +388,7 @@ def load_training_state(path: PathLike, net: torch.nn.Module, optimizer: torch.o
     if changed:
         raise CheckpointError(path, f"resuming with a different recipe ({', '.join(changed)}); "
                                     "start a new run (another --out) or pass --no-resume")
-    step = int(meta["step"])
-    if int(tensors.get("meta.step", torch.tensor(-1))) != step:
-        raise CheckpointError(path, "tensor file and JSON sidecar are from different steps")
+    step = state_step(path, tensors, meta)
     if [float(s) for s in meta["ema_stds"]] != ema.stds:
         raise CheckpointError(path, f"saved EMA stds {meta['ema_stds']} differ from this run's {ema.stds}")
     net.load_state_dict(tensors_under(tensors, "net."), strict=True)

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -172,3 +172,37 @@ def cli_main(prog: str, description: str, configure, run, argv: Optional[Sequenc
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     return run(args)
+
+
+# --------------------------------------------------------------------------------------------
+# The step loop.
+
+def step_loop(bar: Progress, desc: str, step: int, total_steps: int, one_step: Callable[[int], float],
+              checkpoint: Optional[Callable[[int], None]], checkpoint_every: int) -> int:
+    """Run ``one_step(step) -> loss`` (with autograd on) from ``step`` up to ``total_steps``; returns the last step.
+
+    ``checkpoint(step)`` (None: nothing is saved) runs every ``checkpoint_every`` steps and, when the bar
+    reports an interruption after a step that is not saved yet, before the exception propagates: a run
+    resumes from its last finished step. The bar shows the loss and is closed on the way out.
+    """
+    saved_step = step
+    try:
+        bar.done = step
+        bar.check()
+        with torch.enable_grad():
+            while step < total_steps:
+                loss = one_step(step)
+                step += 1
+                if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0:
+                    checkpoint(step)
+                    saved_step = step
+                report_loss(bar, desc, loss)
+                try:
+                    bar.update()
+                except BaseException:
+                    if checkpoint is not None and step != saved_step:
+                        checkpoint(step)  # interrupted between steps: resume from the last finished one
+                    raise
+    finally:
+        bar.close()
+    return step

@@ -56,8 +56,8 @@ from ..imageio import centre_crop_box, crop_cameras
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
 from ..training_common import (LossProgress, add_out_argument, add_run_arguments, apply_threads, cli_argv, cli_main,
-                               force_finite_, pack_optimizer, print_summary, randint, register_cli, report_loss,
-                               state_step, step_generator, tensors_under, uniform, unpack_optimizer)
+                               force_finite_, pack_optimizer, print_summary, randint, register_cli,
+                               state_step, step_generator, step_loop, tensors_under, uniform, unpack_optimizer)
 from ..vivid.data import TRAIN_SEEDS
 from .cameras import to_genvs
 from .config import GeNVSConfig, NOISE_CONFIGS, SAMPLE_DENSITIES, tiny_config
@@ -677,47 +677,34 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
     if config.resume and state_path is not None and state_path.is_file():
         step, losses, skipped = load_training_state(state_path, model, optimizer, ema, config)
 
-    def checkpoint() -> None:
-        if out_dir is None:
-            return
+    def checkpoint(step: int) -> None:
         save_training_state(state_path, model, optimizer, ema, config, step, losses, skipped)
         save_ema(ema_path, ema.get(), config, step)
 
     desc = "GeNVS training"
     start = time.perf_counter()
-    bar = resolve(progress, config.total_steps, desc)
-    saved_step = step
     cfg = model.config
-    try:
-        bar.done = step
-        bar.check()
-        with torch.enable_grad():
-            while step < config.total_steps:
-                generator = step_generator(config.seed, step)
-                batch = source.sample(config.batch_size, generator)
-                draws = draw_step(config, cfg, batch, generator)
-                lrs = set_learning_rates(optimizer, config, step)
-                terms = train_step(model, optimizer, batch.to(device), draws, config)
-                skipped += int(terms["skipped"])
-                step += 1
-                ema.update(step)
-                losses.append(terms["loss"])
-                if callback is not None:
-                    callback({"step": step, "loss": terms["loss"], "terms": terms, "lr": lrs,
-                              "seconds": time.perf_counter() - start})
-                if out_dir is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
-                    checkpoint()
-                    saved_step = step
-                report_loss(bar, desc, terms["loss"])
-                try:
-                    bar.update()
-                except BaseException:
-                    if step != saved_step:
-                        checkpoint()
-                    raise
-    finally:
-        bar.close()
-    checkpoint()
+
+    def one_step(step: int) -> float:
+        nonlocal skipped
+        generator = step_generator(config.seed, step)
+        batch = source.sample(config.batch_size, generator)
+        draws = draw_step(config, cfg, batch, generator)
+        lrs = set_learning_rates(optimizer, config, step)
+        terms = train_step(model, optimizer, batch.to(device), draws, config)
+        skipped += int(terms["skipped"])
+        step += 1
+        ema.update(step)
+        losses.append(terms["loss"])
+        if callback is not None:
+            callback({"step": step, "loss": terms["loss"], "terms": terms, "lr": lrs,
+                      "seconds": time.perf_counter() - start})
+        return terms["loss"]
+
+    step = step_loop(resolve(progress, config.total_steps, desc), desc, step, config.total_steps, one_step,
+                     checkpoint if out_dir is not None else None, config.checkpoint_every)
+    if out_dir is not None:
+        checkpoint(step)
     exported = copy.deepcopy(ema.get()).to(torch.float32).train(False).requires_grad_(False)
     return TrainResult(exported, model, step, losses, time.perf_counter() - start, skipped,
                        ema_path if out_dir else None, state_path if out_dir else None)

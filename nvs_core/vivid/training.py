@@ -39,8 +39,8 @@ import torch
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..progress import ProgressFactory, resolve
 from ..training_common import (LossProgress, add_out_argument, add_run_arguments, apply_threads, cli_argv, cli_main,
-                               force_finite_, pack_optimizer, print_summary, register_cli, report_loss,
-                               state_step, step_generator, tensors_under, unpack_optimizer)
+                               force_finite_, pack_optimizer, print_summary, register_cli, state_step,
+                               step_generator, step_loop, tensors_under, unpack_optimizer)
 from . import data as vdata
 from .loading import METHOD, NETWORK_CLASS
 from .precond import NVPrecond
@@ -432,63 +432,49 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
     if config.resume and state_path is not None and state_path.is_file():
         step, losses = load_training_state(state_path, net, optimizer, ema, config)
 
-    def checkpoint() -> None:
-        if out_dir is None:
-            return
+    def checkpoint(step: int) -> None:
         save_training_state(state_path, net, optimizer, ema, config, step, losses)
         save_ema(ema_path, ema.get(config.ema_export_std), config, step, config.ema_export_std)
 
     rounds = config.accumulation_rounds
     desc = "VIVID training"
     start_time = time.perf_counter()
-    bar = resolve(progress, config.total_steps, desc)
-    saved_step = step
-    try:
-        bar.done = step
-        bar.check()
-        with torch.enable_grad():
-            while step < config.total_steps:
-                generator = step_generator(config.seed, step)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                # The whole batch and its noise are drawn first, so accumulation rounds only split work.
-                pairs_batch = pairs.sample(config.batch_size, generator)
-                normal = torch.randn([config.batch_size], generator=generator)
-                noise = torch.randn(pairs_batch.dst.shape, generator=generator)
-                dropout_seed = int(torch.randint(1 << 62, (1,), generator=generator))
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(dropout_seed)  # CPU dropout; every preset has none
-                    for chunk in torch.arange(config.batch_size).chunk(rounds):
-                        part = pairs_batch[chunk].to(device)
-                        loss = edm2_loss(net, part.src, part.dst, part.geometry, P_mean=config.P_mean,
-                                         P_std=config.P_std, normal=normal[chunk], noise=noise[chunk])
-                        loss.sum().mul(1 / config.batch_size).backward()
-                        step_loss += float(loss.detach().mean()) / rounds
-                lr = learning_rate(step, config.ref_lr, config.lr_ref_steps, config.lr_rampup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if config.force_finite:
-                    force_finite_(net.parameters())
-                optimizer.step()
-                step += 1
-                ema.update(step)
-                losses.append(step_loss)
-                if callback is not None:
-                    callback({"step": step, "loss": step_loss, "lr": lr,
-                              "seconds": time.perf_counter() - start_time})
-                if out_dir is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
-                    checkpoint()
-                    saved_step = step
-                report_loss(bar, desc, step_loss)
-                try:
-                    bar.update()
-                except BaseException:
-                    if step != saved_step:
-                        checkpoint()  # interrupted between steps: resume from the last finished one
-                    raise
-    finally:
-        bar.close()
-    checkpoint()  # also when resumed at the end: the files then carry this run's config and command
+
+    def one_step(step: int) -> float:
+        generator = step_generator(config.seed, step)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        # The whole batch and its noise are drawn first, so accumulation rounds only split work.
+        pairs_batch = pairs.sample(config.batch_size, generator)
+        normal = torch.randn([config.batch_size], generator=generator)
+        noise = torch.randn(pairs_batch.dst.shape, generator=generator)
+        dropout_seed = int(torch.randint(1 << 62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(dropout_seed)  # CPU dropout; every preset has none
+            for chunk in torch.arange(config.batch_size).chunk(rounds):
+                part = pairs_batch[chunk].to(device)
+                loss = edm2_loss(net, part.src, part.dst, part.geometry, P_mean=config.P_mean,
+                                 P_std=config.P_std, normal=normal[chunk], noise=noise[chunk])
+                loss.sum().mul(1 / config.batch_size).backward()
+                step_loss += float(loss.detach().mean()) / rounds
+        lr = learning_rate(step, config.ref_lr, config.lr_ref_steps, config.lr_rampup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if config.force_finite:
+            force_finite_(net.parameters())
+        optimizer.step()
+        step += 1
+        ema.update(step)
+        losses.append(step_loss)
+        if callback is not None:
+            callback({"step": step, "loss": step_loss, "lr": lr,
+                      "seconds": time.perf_counter() - start_time})
+        return step_loss
+
+    step = step_loop(resolve(progress, config.total_steps, desc), desc, step, config.total_steps, one_step,
+                     checkpoint if out_dir is not None else None, config.checkpoint_every)
+    if out_dir is not None:
+        checkpoint(step)  # also when resumed at the end: the files then carry this run's config and command
     exported = copy.deepcopy(ema.get(config.ema_export_std)).to(torch.float32).train(False).requires_grad_(False)
     return TrainResult(exported, net, step, losses, time.perf_counter() - start_time,
                        ema_path if out_dir else None, state_path if out_dir else None)

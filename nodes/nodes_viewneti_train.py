@@ -19,8 +19,7 @@ from ..nvs_core.viewneti import training
 from ..nvs_core.viewneti.loading import ViewNetiModel
 
 from . import host
-from .common import CAMERA, MULTIVIEW, check_image, float_input, int_input, seed_input
-from .nodes_vivid import _clone_views, _copy_atomic  # inputs as ordinary tensors; atomic file copies
+from .common import CAMERA, MULTIVIEW, check_image, clone_views, copy_atomic, float_input, int_input, seed_input
 from .nodes_viewneti import DEFAULT_CALIBRATION, read_calibration
 
 CATEGORY = "NVS/ViewNeTI"
@@ -202,7 +201,7 @@ class NVSViewNeTITrain:
                 raise ValueError(f"multiview: expected an NVS_MULTIVIEW, got {type(multiview).__name__}")
             if len(multiview) == 0:
                 raise ValueError("multiview: the training set is empty")
-            views = _clone_views(multiview)
+            views = clone_views(multiview)
             groups = training.scenes_from_multiview(views, representation, None, calib, split_scans=(mode == 3))
             tokens = _placeholders(object_placeholder, len(groups), mode)
             if tokens is not None:
@@ -272,8 +271,8 @@ class NVSViewNeTITrain:
             if source_path is None:
                 continue
             target = os.path.join(folder, f"{name}_{kind}.safetensors")
-            _copy_atomic(source_path, target)
-            _copy_atomic(source_path.with_suffix(".json"), os.path.join(folder, f"{name}_{kind}.json"))
+            copy_atomic(source_path, target)
+            copy_atomic(source_path.with_suffix(".json"), os.path.join(folder, f"{name}_{kind}.json"))
             saved.append(target)
         recent = result.losses[-min(len(result.losses), 50):]
         finite = [x for x in recent if math.isfinite(x)]

@@ -28,7 +28,7 @@ from ..nvs_core.vivid import training
 from ..nvs_core.vivid.geometry import geometry_from_cameras
 
 from . import host
-from .common import (CAMERA, MULTIVIEW, checkpoint_every_input, clone_views, copy_atomic, export_trained,
+from .common import (CAMERA, MULTIVIEW, checkpoint_every_input, export_trained,
                      float_input, int_input, mean_loss_text, seed_input, train_output_name, train_run_inputs,
                      training_views)
 
@@ -463,7 +463,6 @@ TRAIN_NETWORKS = {
     "vivid-base 64px": copy.deepcopy(loading.VIVID_PRESETS["vivid-base"]),
 }
 DATA_SOURCES = ["procedural", "multiview"]
-_clone_views, _copy_atomic = clone_views, copy_atomic  # the names nodes_viewneti_train imports
 
 
 class NVSVIVIDTrain:

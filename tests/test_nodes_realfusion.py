@@ -1,6 +1,5 @@
 """RealFusion nodes without ComfyUI: reconstruct (stand-in SD objects through the node's guidance seam), render,
 save/load, bad inputs, interrupt."""
-import sys
 from importlib import import_module
 
 import pytest

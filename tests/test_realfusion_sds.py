@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from nvs_core.realfusion import losses as L
 from nvs_core.realfusion.sds import (SDSConfig, SDSGuidance, TextConditioning, check_sd15_backend,
                                      encode_direction_prompts, encode_prompts)
 from nvs_core.sd.interface import NoiseSchedule, SDBackend

@@ -47,6 +47,7 @@ from .sd.interface import SDBackend
 
 PathLike = Union[str, Path]
 
+# The 27 textual-inversion captions (RealFusion's script; ViewNeTI's mode 0 uses the same list).
 IMAGENET_TEMPLATES_SMALL = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
     "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",

@@ -71,6 +71,7 @@ from ..checkpoints import CheckpointError, load_with_config, save_with_config
 from ..multiview import MultiView
 from ..progress import ProgressFactory, resolve
 from ..sd.interface import COND, SDBackend, UNetPatches
+from ..textual_inversion import IMAGENET_TEMPLATES_SMALL
 from ..training_common import state_step, tensors_under, unpack_optimizer
 from .camera_tokens import (DTUCalibration, DTUCameraRange, SphericalViewRange, dtu_view_tokens_for_cameras,
                             format_spherical_view_token, is_dtu_view_token, spherical_view_from_cameras)
@@ -104,17 +105,6 @@ PUBLISHED_MODEL_CFG: Dict[str, Any] = {
     "pe_sigmas": {"sigma_t": 0.03, "sigma_l": 2.0, "sigma_theta": 2.0, "sigma_phi": 2.0, "sigma_r": 2.0,
                   "sigma_dtu12": 0.5},
 }
-
-# textual_inversion's imagenet_templates_small (jmhb0/view_neti:constants.py), mode-0 captions.
-IMAGENET_TEMPLATES_SMALL = (
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
-    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
-    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
-    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
-    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
-)
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -489,14 +489,12 @@ def _build_workflows():
 
 
 def test_example_workflows_are_the_built_ones():
-    import json
+    from tests.ui_workflow import assert_workflows_built
 
-    for name, data in build_workflows().items():
-        assert json.loads((WORKFLOWS / name).read_text()) == json.loads(json.dumps(data)), name
+    assert_workflows_built(WORKFLOWS, build_workflows())
 
 
 if __name__ == "__main__":
-    import json
+    from tests.ui_workflow import write_workflows
 
-    for name, data in build_workflows().items():
-        (WORKFLOWS / name).write_text(json.dumps(data, indent=1) + "\n")
+    write_workflows(WORKFLOWS, build_workflows())

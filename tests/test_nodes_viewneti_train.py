@@ -357,9 +357,9 @@ def build_train_workflow():
 
 
 def test_training_workflow_is_the_built_one():
-    import json
+    from tests.ui_workflow import assert_workflows_built
 
-    assert json.loads(WORKFLOW.read_text()) == json.loads(json.dumps(build_train_workflow()))
+    assert_workflows_built(WORKFLOW.parent, {WORKFLOW.name: build_train_workflow()})
 
 
 def test_training_workflow_novel_views_are_inside_the_training_range():
@@ -382,6 +382,6 @@ def _orbit_args(values):
 
 
 if __name__ == "__main__":
-    import json
+    from tests.ui_workflow import write_workflows
 
-    WORKFLOW.write_text(json.dumps(build_train_workflow(), indent=1) + "\n")
+    write_workflows(WORKFLOW.parent, {WORKFLOW.name: build_train_workflow()})

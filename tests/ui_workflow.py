@@ -70,3 +70,16 @@ class UIWorkflow:
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def assert_workflows_built(folder: Path, built: Dict[str, dict]) -> None:
+    """Each shipped workflow file equals what its builder makes now (so edits go through the builder)."""
+    for name, data in built.items():
+        assert json.loads((folder / name).read_text()) == json.loads(json.dumps(data)), name
+
+
+def write_workflows(folder: Path, built: Dict[str, dict]) -> None:
+    """Write the built workflows (``python -m tests.test_nodes_<method>`` regenerates a method's files)."""
+    for name, data in built.items():
+        (folder / name).write_text(json.dumps(data, indent=1) + "\n")
+        print("wrote", folder / name)

@@ -209,3 +209,18 @@ def test_ray_embeddings_are_reused_only_while_rays_and_weights_are_unchanged():
     changed, _ = tokens(batch)
     assert not torch.equal(changed, first)
     assert torch.equal(changed, adapter.posemb(batch.rays, 0).flatten(2).transpose(1, 2))
+
+
+def test_ray_embedding_cache_works_on_inference_tensors():
+    """ComfyUI runs nodes under inference mode: rays and weights made there keep no version counter."""
+    with torch.inference_mode():
+        adapter = tiny.randomize_(NVSAdapter(TINY_SD), torch.Generator().manual_seed(6), 0.2).train(False)
+        hook = AdapterHook(adapter)
+        batch = build_batch(**_inputs(objects=1, queries=2))
+        with hook.bind(batch):
+            first, cache = hook.posemb_tokens(0), hook._posemb
+        with hook.bind(batch):
+            assert hook._posemb is cache and hook.posemb_tokens(0) is first
+        batch.rays.add_(1.0)  # edited in place: the cache holds its own copy, so this is seen
+        with hook.bind(batch):
+            assert hook._posemb is not cache and not torch.equal(hook.posemb_tokens(0), first)

@@ -93,7 +93,7 @@ class AdapterHook:
         self._posemb: Dict[int, torch.Tensor] = {}
         # the ray embeddings of the last bound batch: the rays are the same at every sampling step, so later
         # calls with equal rays (and unchanged pe_blocks weights) reuse them instead of re-running the convs
-        self._posemb_cache: Optional[Tuple[torch.Tensor, int, tuple, Dict[int, torch.Tensor]]] = None
+        self._posemb_cache: Optional[Tuple[torch.Tensor, tuple, Dict[int, torch.Tensor]]] = None
         self.patches = UNetPatches(after_self_attention=self)
 
     def __deepcopy__(self, memo):
@@ -109,8 +109,10 @@ class AdapterHook:
             self.batch, self._posemb = previous
 
     def _weights_key(self) -> tuple:
-        # the pe_blocks tensors themselves (kept alive, so their storage is never reused) and their versions
-        return tuple((p.detach(), p._version) for p in self.adapter.pe_blocks.parameters())
+        # the pe_blocks tensors themselves (kept alive, so their storage is never reused) and their versions;
+        # inference tensors (weights loaded under ComfyUI's inference mode) keep no version counter
+        return tuple((p.detach(), None if p.is_inference() else p._version)
+                     for p in self.adapter.pe_blocks.parameters())
 
     def _cached_posemb(self, rays: torch.Tensor) -> Dict[int, torch.Tensor]:
         """The per-level posemb dict for ``rays``: the cached one when the rays are equal (bit for bit, so the
@@ -119,15 +121,15 @@ class AdapterHook:
         key = self._weights_key()
         cached = self._posemb_cache
         if cached is not None:
-            cached_rays, version, cached_key, posemb = cached
-            if (cached_rays._version == version and len(key) == len(cached_key)
+            cached_rays, cached_key, posemb = cached
+            if (len(key) == len(cached_key)
                     and all(a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
                             and a.shape == b.shape and va == vb for (a, va), (b, vb) in zip(key, cached_key))
                     and cached_rays.shape == rays.shape and cached_rays.dtype == rays.dtype
                     and cached_rays.device == rays.device and torch.equal(cached_rays, rays)):
                 return posemb
         posemb: Dict[int, torch.Tensor] = {}
-        self._posemb_cache = (rays, rays._version, key, posemb)
+        self._posemb_cache = (rays.clone(), key, posemb)  # a private copy: later in-place edits of rays can't hide
         return posemb
 
     def posemb_tokens(self, level: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.viewneti_speed import _peak_reset, _peak_since  # peak RSS / CUDA peak, same method
+from bench.peak_memory import peak_reset as _peak_reset, peak_since as _peak_since
 
 QUERIES = 4
 PUBLISHED_STEPS = 50

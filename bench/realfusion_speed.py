@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from bench.peak_memory import peak_reset, peak_since
 from nvs_core.progress import Progress
 
 
@@ -36,29 +37,6 @@ def _quiet(total, desc=""):
     return Progress(total, desc)
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak_since(device, base):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return _status_kb("VmHWM") * 1024 - base
 
 
 def _sync(device):
@@ -253,10 +231,10 @@ def child_memory() -> dict:
     rgba[..., 3] = 0
     rgba[32:96, 32:96, 3] = 1
     cfg = TrainConfig(iters=1, occupancy_every=1, preview_every=0, checkpoint_every=0)
-    base = _peak_reset(device)
+    base = peak_reset(device)
     t = time.perf_counter()
     train(field, rgba=rgba, guidance=guidance, config=cfg, device=device, progress=_quiet)
-    return {"train_step_peak_mb": round(_peak_since(device, base) / 2 ** 20, 1),
+    return {"train_step_peak_mb": round(peak_since(base, device) / 2 ** 20, 1),
             "train_step_seconds": round(time.perf_counter() - t, 2), "device": device.type}
 
 

@@ -29,33 +29,10 @@ import time
 
 import torch
 
+from bench.peak_memory import peak_reset as _peak_reset, peak_since as _peak_since
+
 STEPS = 30
 FULL_LATENT = 64
-
-
-def _peak_reset():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak_since(base):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return _status_kb("VmHWM") * 1024 - base
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _randomize(module, seed):

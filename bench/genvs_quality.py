@@ -38,7 +38,7 @@ from nvs_core.vivid import training as vtrain  # noqa: E402
 from nvs_core.vivid.data import procedural_eval_set  # noqa: E402
 
 IMSIZE = 32
-GENVS_STEPS = gdemo.DEMO_STEPS      # deterministic Euler steps
+GENVS_STEPS = gdemo.DEMO_STEPS      # Euler steps, the demo's sampler mode (gdemo.SAMPLER_NAME)
 VIVID_STEPS = 32                    # the published Heun step count
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     rows = {"copy_source": _metrics(g_res["copy_source"]), "vivid": _metrics(v_res["model"]),
             "genvs": _metrics(g_res["model"]), "genvs_render_rgb": _metrics(g_res["render_rgb"])}
     print(f"GeNVS quality bench: {mode}; {objects} held-out objects x {args.views} views at {IMSIZE} px "
-          f"(GeNVS {GENVS_STEPS} deterministic Euler steps, VIVID {VIVID_STEPS} Heun steps)")
+          f"(GeNVS {GENVS_STEPS} steps, {gdemo.SAMPLER_NAME}; VIVID {VIVID_STEPS} Heun steps)")
     print(f"{'method':18s}{'PSNR (dB)':>11s}{'SSIM':>9s}")
     for name, m in rows.items():
         print(f"{name:18s}{m['psnr']:>11.3f}{m['ssim']:>9.4f}")

@@ -429,7 +429,7 @@ def _build_workflows():
     targets = wf.add("NVSOrbitCameras", (40, 790), title="Target cameras", size=(340, 260), count=6, elevation=20.0,
                      azimuth_start=-90.0, azimuth_sweep=180.0, radius=2.6, fov=45.0, width=32, height=32)
     render = wf.add("NVSGeNVSRender", (420, 40), size=(360, 210), seed=0)
-    sampler = wf.add("NVSGeNVSSampler", (420, 290), size=(360, 320), steps=50, stochastic=False, cfg=1.0, seed=0,
+    sampler = wf.add("NVSGeNVSSampler", (420, 290), size=(360, 320), steps=50, stochastic=True, cfg=1.0, seed=0,
                      batch_size=6, published_train_mode=False)
     truth = wf.add("NVSProceduralScene", (420, 650), title="Ground truth at the targets", size=(360, 190),
                    seed=SCENE_SEED, background="white", supersampling=2)
@@ -464,7 +464,7 @@ def _build_workflows():
                      radius=2.6, fov=45.0, width=64, height=64)
     scene = wf.add("NVSProceduralScene", (40, 560), title="Source view (procedural object)", size=(340, 190),
                    seed=SCENE_SEED, background="white", supersampling=2)
-    orbit = wf.add("NVSGeNVSOrbit", (420, 40), size=(360, 330), steps=50, stochastic=False, cfg=1.0, seed=0,
+    orbit = wf.add("NVSGeNVSOrbit", (420, 40), size=(360, 330), steps=50, stochastic=True, cfg=1.0, seed=0,
                    frames=11, published_train_mode=False, max_cached_volumes=8)
     save = wf.add("SaveImage", (820, 40), title="Orbit frames", size=(520, 360), filename_prefix="NVS/genvs_orbit")
     rig = wf.add("NVSCameraPreview", (420, 420), size=(360, 180), viewer_elevation=30.0, viewer_azimuth=30.0,

@@ -105,7 +105,7 @@ DEMO_DATA: Dict[str, Any] = {"kind": "procedural", "elevation_deg": [5.0, 35.0],
                              "samples_per_pixel": 4}
 
 # The committed demo model's recipe (settings not listed are TrainConfig defaults).
-DEMO_RECIPE: Dict[str, Any] = dict(total_steps=900, batch_size=6, lr=1e-3,
+DEMO_RECIPE: Dict[str, Any] = dict(total_steps=2700, batch_size=6, lr=1e-3,
                                    lr_ratios={"input_unet": 1.0, "nerf": 2.0, "ddpm_pipeline": 1.0},
                                    restart_steps=900, warmup_steps=50, ema_decay=0.995, seed=0)
 

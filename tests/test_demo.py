@@ -47,20 +47,45 @@ def test_committed_demo_model_is_small_and_reproducible():
 
 
 def test_committed_demo_model_is_the_demo_recipe():
-    """The file's meta records exactly training.demo_recipe: the two commands, the fine-tuning
-    run's settings and the pre-trained network it started from."""
+    """The file's meta records exactly training.demo_recipe: its command, settings and step count."""
     from nvs_core.vivid import training as vt
 
-    meta = load_with_config(DEMO_MODEL_PATH)[1]["meta"]
-    assert meta["reproduce"] == " && ".join(vt.demo_commands())
-    first, second = vt.demo_recipe("/tmp/vivid_runs")
+    config = load_with_config(DEMO_MODEL_PATH)[1]
+    meta = config["meta"]
+    assert meta["reproduce"] == vt.demo_command()
+    recipe = vt.demo_recipe()
     trained = meta["training"]
-    for key in vt.RECIPE_FIELDS + ("total_steps", "network", "translation_scale"):
-        assert trained[key] == second.to_dict()[key], key
-    assert meta["step"] == second.total_steps
-    assert meta["init_from"]["step"] == first.total_steps and len(meta["init_from"]["sha256"]) == 64
+    for key in vt.RECIPE_FIELDS + ("total_steps", "translation_scale"):
+        assert trained[key] == recipe.to_dict()[key], key
+    assert meta["step"] == recipe.total_steps and meta["init_from"] is None
+    # The network is the demo network plus the label statistics fitted to the recipe's pairs.
+    assert {k: v for k, v in config["constructor"].items() if k != "label_standardization"} == vt.DEMO_NETWORK
+    assert config["constructor"]["label_standardization"] == trained["network"]["label_standardization"]
 
 
 def test_missing_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="demo VIVID model"):
         load_demo_model(tmp_path / "absent.safetensors")
+
+
+def test_conditioning_use_tells_an_ignored_input_from_a_used_one():
+    import torch
+
+    from nvs_core.vivid import training as vt
+    from nvs_core.vivid.data import procedural_eval_set
+    from nvs_core.vivid.demo_model import conditioning_use
+
+    tiny = dict(img_resolution=8, img_channels=3, label_dim=20, use_fp16=False, model_channels=8, channel_mult=[1, 2],
+                num_blocks=1, attn_resolutions=[4], channels_per_head=8, extra_attn=None)
+    pairs = procedural_eval_set(3, 8, views=4, samples_per_pixel=1).pairs
+    net = vt.build_network(tiny, 0).train(False)
+    # EDM2 blocks start with zero embedding and residual gains: a fresh net ignores both inputs.
+    fresh = conditioning_use(net, pairs, sigmas=(1.0, 5.0), count=12)
+    assert set(fresh) == {"sigma_1", "sigma_5"}
+    assert all(row["right"] == row["other_source"] == row["other_label"] for row in fresh.values())
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("gain"):
+                p.fill_(1.0)
+    used = conditioning_use(net, pairs, sigmas=(5.0,), count=12)["sigma_5"]
+    assert used["other_source"] != used["right"] and used["other_label"] != used["right"]

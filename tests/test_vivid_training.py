@@ -11,6 +11,7 @@ from nvs_core.cameras import Cameras, orbit
 from nvs_core.procedural import make_scene, render, render_multiview
 from nvs_core.progress import Interrupted, Progress, silent_progress
 from nvs_core.vivid import data as vd
+from nvs_core.vivid import geometry as vg
 from nvs_core.vivid import training as vt
 from nvs_core.vivid.geometry import decompose_geometry, geometry_from_cameras
 from nvs_core.vivid.layers import MPConv
@@ -139,8 +140,9 @@ def test_denoising_error_decreases_on_a_tiny_overfit_problem(scenes):
             return float(((D - fixed.dst) ** 2).mean())
 
     before = denoising_error(vt.build_network(TINY, 0).train(False))
-    result = vt.train(_config(total_steps=40, batch_size=4, lr_rampup_steps=0, ema_stds=[0.05, 0.1]),
-                      progress=silent_progress, data=FixedPairs())
+    # Published label statistics: the same labels reach the untrained and the trained net.
+    result = vt.train(_config(total_steps=40, batch_size=4, lr_rampup_steps=0, ema_stds=[0.05, 0.1],
+                              label_statistics="published"), progress=silent_progress, data=FixedPairs())
     assert denoising_error(result.net.train(False)) < 0.5 * before
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
 
@@ -221,6 +223,53 @@ def test_fine_tuning_starts_from_the_given_network(tmp_path, scenes):
     with pytest.raises(ValueError, match="init_from must be a VIVID network with this run's constructor"):
         vt.train(_config(tmp_path / "d", total_steps=1, init_from=str(first.ema_path),
                          network=dict(TINY, model_channels=16)), progress=silent_progress, data=scenes)
+
+
+def test_fitted_label_statistics_standardise_the_training_labels(tmp_path, scenes):
+    result = vt.train(_config(tmp_path / "a", total_steps=1), progress=silent_progress, data=scenes)
+    stats = result.net.label_standardization
+    assert stats is not None and stats == result.ema.label_standardization
+    labels = vd.MultiViewPairs(scenes, 8, vt.DEMO_TRANSLATION_SCALE).sample(512, torch.Generator().manual_seed(3)).geometry
+    seen = result.net.restandardize(labels)
+    informative = torch.tensor(stats["std"]) > 0
+    assert int(informative.sum()) >= 9  # rotation and translation entries vary; intrinsics are constant here
+    assert seen[:, informative].mean(0).abs().max() < 0.25
+    assert seen[:, informative].std(0).sub(1).abs().max() < 0.25
+    assert torch.equal(seen[:, ~informative], torch.zeros_like(seen[:, ~informative]))
+    # The published constants give this data entries far from unit scale (why "fitted" is the default).
+    assert labels[:, informative].std(0).max() > 2
+    # Stored in the constructor: the file loads into a net that standardises the same way.
+    config = json.loads(result.ema_path.with_suffix(".json").read_text())
+    assert config["constructor"]["label_standardization"] == stats
+    loaded = load_vivid(result.ema_path)
+    assert torch.equal(loaded.restandardize(labels), seen)
+    # Deterministic, so resuming fits the same statistics; fine-tuning keeps the start network's.
+    assert vt.train(_config(tmp_path / "a", total_steps=2), progress=silent_progress, data=scenes).step == 2
+    tuned = vt.train(_config(tmp_path / "b", total_steps=0, init_from=str(result.ema_path), seed=4,
+                             label_statistics="published"), progress=silent_progress, data=scenes)
+    assert tuned.net.label_standardization == stats
+    published = vt.train(_config(total_steps=0, label_statistics="published"), progress=silent_progress, data=scenes)
+    assert published.net.label_standardization is None and torch.equal(published.net.restandardize(labels), labels)
+    with pytest.raises(ValueError, match="label_statistics must be one of"):
+        _config(label_statistics="imagenet")
+
+
+def test_label_standardization_is_validated():
+    with pytest.raises(ValueError, match="'mean' and 'std' lists of 20"):
+        vt.build_network(dict(TINY, label_standardization={"mean": [0.0] * 19, "std": [1.0] * 19}), 0)
+    with pytest.raises(ValueError, match="std >= 0"):
+        vt.build_network(dict(TINY, label_standardization={"mean": [0.0] * 20, "std": [-1.0] * 20}), 0)
+    with pytest.raises(ValueError, match="not label_dim 4"):
+        vt.build_network(dict(TINY, label_dim=4, label_standardization={"mean": [0.0] * 4, "std": [1.0] * 4}), 0)
+    # A missing label is zeros as the net sees it, with or without its own statistics.
+    own = vt.build_network(dict(TINY, label_standardization={"mean": [0.5] * 20, "std": [2.0] * 20}), 0).train(False)
+    plain = vt.build_network(TINY, 0).train(False)
+    src, dst, sigma, label = torch.rand(1, 3, 8, 8), torch.randn(1, 3, 8, 8), torch.tensor([1.0]), torch.randn(1, 20)
+    with torch.no_grad():
+        assert torch.equal(own(src, dst, sigma, None), plain(src, dst, sigma, None))
+    pub_mean, pub_std = vg.label_statistics(8)
+    expected = (label * pub_std + pub_mean - 0.5) / 2
+    assert torch.allclose(own.restandardize(label), expected, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ pairs
@@ -309,30 +358,24 @@ def test_procedural_pairs_with_elevation_change_orbit_at_one_height():
     assert abs(float(free.c2w[0, 1, 3] - free.c2w[1, 1, 3])) > 1e-6
 
 
-def test_demo_recipe_is_pretraining_then_matched_fine_tuning(tmp_path):
-    first, second = vt.demo_recipe(tmp_path)
-    assert first.data == vt.GENERIC_PROCEDURAL_DATA and first.init_from is None
-    assert second.data == vt.DEMO_DATA == vt.TrainConfig().data
-    assert second.init_from == str(tmp_path / "demo" / vt.EMA_FILE) and second.seed != first.seed
-    # The generic spec reproduces the generic ranges exactly (what the pre-training run used).
-    generic = vt.pairs_from_config(first, 8).ranges
-    assert generic == vd.OrbitRanges()
-    matched = vt.pairs_from_config(second, 8).ranges
+def test_demo_recipe_is_one_matched_run_with_fitted_labels(tmp_path):
+    config = vt.demo_recipe(tmp_path)
+    assert config.data == vt.DEMO_DATA == vt.TrainConfig().data and config.init_from is None
+    assert config.label_statistics == "fitted" and config.out_dir == str(tmp_path)
+    matched = vt.pairs_from_config(config, 8).ranges
     spec = vt.DEMO_DATA
     assert matched.elevation_change == pytest.approx(tuple(math.radians(v) for v in spec["elevation_change_deg"]))
     assert matched.azimuth_offset == pytest.approx(tuple(math.radians(v) for v in spec["azimuth_offset_deg"]))
     low, high = spec["azimuth_offset_deg"]
     assert low <= -90 and high >= 90  # covers the evaluation offsets (+-15..90 degrees)
-    # The recorded command lines parse back into the same two configs.
+    # The recorded command line parses back into the same config.
     parser = argparse.ArgumentParser()
     vt.configure_parser(parser)
-    for config, command in zip(vt.demo_recipe("/tmp/vivid_runs"), vt.demo_commands("/tmp/vivid_runs")):
-        argv = shlex.split(command)[3:]
-        parsed = vt.config_from_args(parser.parse_args(argv))
-        for key in vt.RECIPE_FIELDS + ("total_steps", "network", "translation_scale"):
-            assert getattr(parsed, key) == getattr(config, key), key
-    short = vt.demo_recipe(tmp_path, pretrain_steps=3, finetune_steps=2)
-    assert [c.total_steps for c in short] == [3, 2]
+    parsed = vt.config_from_args(parser.parse_args(shlex.split(vt.demo_command())[3:]))
+    reference = vt.demo_recipe()
+    for key in vt.RECIPE_FIELDS + ("total_steps", "network", "translation_scale", "out_dir"):
+        assert getattr(parsed, key) == getattr(reference, key), key
+    assert vt.demo_recipe(tmp_path, steps=3).total_steps == 3
 
 
 def test_cli_procedural_options_merge_over_the_matched_data():

@@ -2,9 +2,9 @@
 
 ``models/demo/vivid_procedural.safetensors`` (+ ``.json``) is a 32-px VIVID-architecture network
 trained by ``nvs_core.vivid.training`` on procedural scenes (seeds in ``data.TRAIN_SEEDS``) with
-``training.demo_recipe`` (pre-training on generic orbit pairs, then fine-tuning on pairs matched
-to the evaluation's orbit); its JSON meta holds the two commands that reproduce it. Evaluation uses scenes from ``data.EVAL_SEEDS``
-only and compares the faithful sampler's views with the copy-source baseline (every target
+``training.demo_recipe`` (one run on pairs matched to the evaluation's orbit, camera labels
+standardised with statistics fitted to them); its JSON meta holds the command that reproduces it.
+Evaluation uses scenes from ``data.EVAL_SEEDS`` only and compares the faithful sampler's views with the copy-source baseline (every target
 "predicted" as the unchanged source view).
 """
 from __future__ import annotations
@@ -65,6 +65,31 @@ def evaluate(net: NVPrecond, evalset: EvalSet, num_steps: int = 32, max_batch_si
     model, copy = image_metrics(views, truth), image_metrics(source, truth)
     return {"model": model, "copy_source": copy,
             "difference": {k: round(model[k] - copy[k], 4) for k in model}, "views": views}
+
+
+@torch.no_grad()
+def conditioning_use(net: NVPrecond, pairs: PairBatch, sigmas: Sequence[float] = (1.0, 5.0), count: int = 64,
+                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """How much the net uses its inputs: denoising MSE of the first ``count`` pairs at each sigma with
+    the right source and label, with the sources of other pairs, and with the labels of other pairs
+    (the pairs are rolled by one object's worth of targets). Equal errors mean an ignored input."""
+    pairs = pairs[torch.arange(min(count, len(pairs)))]
+    n = len(pairs)
+    same_source = int((pairs.src[:1] == pairs.src).flatten(1).all(1).sum())  # targets of the first object
+    other = torch.roll(torch.arange(n), max(same_source, 1))
+    noise = torch.randn(pairs.dst.shape, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for sigma in sigmas:
+        s = torch.full([n], float(sigma))
+        x = pairs.dst + noise * sigma
+
+        def mse(src, geometry):
+            return round(float(((net(src, x, s, geometry) - pairs.dst) ** 2).mean()), 5)
+
+        out[f"sigma_{sigma:g}"] = {"right": mse(pairs.src, pairs.geometry),
+                                   "other_source": mse(pairs.src[other], pairs.geometry),
+                                   "other_label": mse(pairs.src, pairs.geometry[other])}
+    return out
 
 
 def format_comparison(result: Dict[str, Dict[str, float]]) -> str:

@@ -43,6 +43,21 @@ def label_statistics(imsize: int, dtype: torch.dtype = torch.float32,
     return mean, std
 
 
+def fit_label_standardization(labels: torch.Tensor, imsize: int, min_std: float = 1e-6) -> Dict[str, list]:
+    """Statistics of a data set's own labels, for ``NVPrecond(label_standardization=...)``.
+
+    ``labels`` (N, 20) are standardised with the published statistics (what the data pipeline
+    makes); returns the mean and std of the raw entries, 6 significant digits, std 0 where the
+    entry is constant (below ``min_std``) or carries no information in the published layout.
+    """
+    mean_pub, std_pub = label_statistics(imsize, torch.float64)
+    raw = labels.to(torch.float64).reshape(-1, LABEL_DIM) * std_pub + mean_pub
+    mean, std = raw.mean(0), raw.std(0)
+    std = torch.where((std < min_std) | (std_pub == 0), torch.zeros_like(std), std)
+    rounded = lambda v: [float(f"{x:.6g}") for x in v.tolist()]  # noqa: E731
+    return {"mean": rounded(mean), "std": rounded(std)}
+
+
 def intrinsics_to_vector(K: torch.Tensor) -> torch.Tensor:
     """(..., 3, 3) pixel intrinsics -> (..., 4) [fx, fy, cx, cy]."""
     return torch.stack((K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2]), dim=-1)

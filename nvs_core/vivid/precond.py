@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from .geometry import LABEL_DIM, label_statistics
 from .layers import MPConv, MPFourier
 from .networks import SRXAttnUNet, UNetEncoder, XAttnUNet
 
@@ -22,12 +23,18 @@ class NVPrecond(nn.Module):
     net) has no encoder: its label is multiplied by 0 and its cross-attention sees zero features.
     ``super_res=True`` is the 64 -> 256 net, conditioned on an upsampled low-res image plus
     ``noisy_sr`` times fresh noise.
+
+    ``label_standardization`` (ours, absent from the published kwargs): {"mean": [...], "std": [...]}
+    of the raw label entries at ``img_resolution`` for nets trained on data unlike RealEstate10K.
+    Callers always pass labels standardised with the published statistics; such a net maps them
+    back to raw values and re-standardises them with its own (entries with std 0 become 0).
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, super_res: bool = False,
                  no_time_enc: Optional[bool] = None, depth_input: bool = False, warp_depth_coor: bool = False,
-                 uncond: Optional[bool] = None, noisy_sr: Optional[float] = 0.25, **unet_kwargs):
+                 uncond: Optional[bool] = None, noisy_sr: Optional[float] = 0.25,
+                 label_standardization: Optional[dict] = None, **unet_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -40,6 +47,7 @@ class NVPrecond(nn.Module):
         self.warp_depth_coor = warp_depth_coor
         self.uncond = uncond
         self.noisy_sr = noisy_sr
+        self.label_standardization = self._check_standardization(label_standardization, label_dim)
         # Warped depth coordinates add logvar_channels Fourier channels to both inputs.
         extra_channels = logvar_channels * int(warp_depth_coor)
         self.encoder = None if uncond else UNetEncoder(
@@ -55,12 +63,36 @@ class NVPrecond(nn.Module):
         """float16 only for use_fp16 nets on CUDA (weights are still normalised in float32)."""
         return torch.float16 if (self.use_fp16 and not force_fp32 and device.type == "cuda") else torch.float32
 
+    @staticmethod
+    def _check_standardization(values: Optional[dict], label_dim: int) -> Optional[dict]:
+        if values is None:
+            return None
+        mean, std = values.get("mean"), values.get("std")
+        if label_dim != LABEL_DIM:
+            raise ValueError(f"label_standardization applies to the {LABEL_DIM}-d VIVID camera label, "
+                             f"not label_dim {label_dim}")
+        if mean is None or std is None or len(mean) != label_dim or len(std) != label_dim or min(std) < 0:
+            raise ValueError(f"label_standardization needs 'mean' and 'std' lists of {label_dim} values "
+                             f"(std >= 0), got {values}")
+        return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+    def restandardize(self, geometry: torch.Tensor) -> torch.Tensor:
+        """Labels standardised with the published statistics -> this net's own (identity without them)."""
+        if self.label_standardization is None:
+            return geometry
+        pub_mean, pub_std = label_statistics(self.img_resolution, geometry.dtype, geometry.device)
+        raw = geometry * pub_std + pub_mean
+        mean = torch.tensor(self.label_standardization["mean"], dtype=geometry.dtype, device=geometry.device)
+        std = torch.tensor(self.label_standardization["std"], dtype=geometry.dtype, device=geometry.device)
+        return torch.where(std > 0, (raw - mean) / std.clamp(min=1e-12), torch.zeros_like(raw))
+
     def _label(self, geometry: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
         if self.label_dim == 0:
             return None
         if geometry is None:
             geometry = torch.zeros([1, self.label_dim], device=device)
-        geometry = geometry.to(torch.float32).reshape(-1, self.label_dim)
+        else:
+            geometry = self.restandardize(geometry.to(torch.float32).reshape(-1, self.label_dim))
         return geometry * int(not self.uncond)
 
     def zero_features(self, batch: int, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:

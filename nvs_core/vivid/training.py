@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shlex
@@ -42,6 +43,7 @@ from ..training_common import (LossProgress, add_out_argument, add_run_arguments
                                force_finite_, pack_optimizer, print_summary, register_cli, state_step,
                                step_generator, step_loop, tensors_under, unpack_optimizer)
 from . import data as vdata
+from .geometry import LABEL_DIM, fit_label_standardization
 from .loading import METHOD, NETWORK_CLASS
 from .precond import NVPrecond
 
@@ -59,30 +61,27 @@ DEMO_NETWORK: Dict[str, Any] = dict(
     dropout=0.0, epipolar_attention_bias=False, no_time_enc=False, depth_input=False, warp_depth_coor=False,
     super_res=False, uncond=False, noisy_sr=None)
 
-# Procedural units (orbit radius 2.6) -> label units: keeps the standardised translation entries
-# of the label near the range of the published statistics (RealEstate10K scale). The rotation
-# entries cannot be: the published STD of the rotation entries is tiny (0.009..0.23, forward-moving
-# RealEstate10K cameras), so an orbit step of 15..90 degrees standardises to entries up to ~25 and
-# label norms of ~20..26. They are kept as published.
+# Procedural units (orbit radius 2.6) -> label units: keeps the translation entries near the range
+# of the published RealEstate10K statistics. (With the default "fitted" label statistics the scale
+# no longer matters to the net; it is kept so that published-statistics runs stay comparable.)
 DEMO_TRANSLATION_SCALE = 0.25
 
 # Pairs matched to the demo's evaluation (``data.procedural_eval_set``: targets at the source's
 # elevation, azimuth offsets +-15..90 degrees): source elevation 5..35 degrees, the target within
-# +-5 degrees of it, azimuth offsets uniform in +-100 degrees. The generic procedural pairs
-# (``OrbitRanges`` defaults: independent elevations 0..40, offsets +-120) put only about a fifth
-# of the pairs in that range.
+# +-5 degrees of it, azimuth offsets uniform in +-100 degrees.
 DEMO_DATA: Dict[str, Any] = {"kind": "procedural", "elevation_deg": [5.0, 35.0], "elevation_change_deg": [-5.0, 5.0],
                              "azimuth_offset_deg": [-100.0, 100.0]}
-GENERIC_PROCEDURAL_DATA: Dict[str, Any] = {"kind": "procedural", "elevation_deg": [0.0, 40.0],
-                                           "elevation_change_deg": None, "azimuth_offset_deg": [-120.0, 120.0]}
 
-# The committed demo model's recipe, two runs of this module: (1) pre-training from scratch on
-# generic procedural pairs, (2) fine-tuning its exported EMA on the matched pairs (fresh Adam,
-# schedule and EMA; another data seed). Settings that are not listed are the TrainConfig defaults.
-DEMO_PRETRAIN: Dict[str, Any] = dict(data=GENERIC_PROCEDURAL_DATA, total_steps=3250, batch_size=16, ref_lr=0.01,
-                                     lr_ref_steps=2000, lr_rampup_steps=100, seed=0)
-DEMO_FINETUNE: Dict[str, Any] = dict(data=DEMO_DATA, total_steps=300, batch_size=16, ref_lr=0.006,
-                                     lr_ref_steps=2000, lr_rampup_steps=50, seed=1)
+# The committed demo model's recipe: one run from scratch on the matched pairs, camera labels
+# standardised with statistics fitted to them. EDM2's schedule and power-function EMA do not depend
+# on the run's length, so the checkpoint after k steps of a longer run equals a k-step run.
+# Settings that are not listed are the TrainConfig defaults.
+DEMO_RECIPE: Dict[str, Any] = dict(data=DEMO_DATA, total_steps=7000, batch_size=16, ref_lr=0.01,
+                                   lr_ref_steps=2000, lr_rampup_steps=100, seed=0, label_statistics="fitted")
+
+
+LABEL_STATISTICS = ("fitted", "published")
+LABEL_FIT_PAIRS = 1024  # pairs drawn (generator seeded by the run's seed) to fit "fitted" label statistics
 
 
 @dataclass
@@ -121,6 +120,11 @@ class TrainConfig:
     # previous run's network-ema.safetensors) instead of a random initialisation; the optimizer,
     # schedule and EMAs start afresh. Its constructor must equal ``network``.
     init_from: Optional[str] = None
+    # "fitted": standardise the camera label with statistics of this run's own pairs (stored in the
+    # network's constructor as label_standardization); "published": RealEstate10K's constants, as the
+    # published nets. The published RealEstate10K STDs make orbit labels ~5x too large, which swamps
+    # the noise-level embedding they are summed with. With init_from, the start network's choice is kept.
+    label_statistics: str = "fitted"
 
     def __post_init__(self):
         if self.batch_size % self.accumulation_rounds:
@@ -130,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"ema_export_std {self.ema_export_std} must be one of ema_stds {self.ema_stds}")
         if self.total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {self.total_steps}")
+        if self.label_statistics not in LABEL_STATISTICS:
+            raise ValueError(f"label_statistics must be one of {LABEL_STATISTICS}, got {self.label_statistics!r}")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
@@ -144,7 +150,7 @@ class TrainConfig:
 # which tracked EMA is exported).
 RECIPE_FIELDS = ("data", "translation_scale", "homography_fraction", "batch_size", "ref_lr",
                  "lr_ref_steps", "lr_rampup_steps", "P_mean", "P_std", "ema_stds", "force_finite", "seed",
-                 "init_from")
+                 "init_from", "label_statistics")
 
 
 @dataclass
@@ -271,37 +277,30 @@ def load_initial_weights(net: NVPrecond, path: PathLike, network: Dict[str, Any]
     net.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
 
 
-def demo_recipe(work_dir: PathLike, pretrain_steps: Optional[int] = None, finetune_steps: Optional[int] = None,
-                checkpoint_every: int = 250) -> List[TrainConfig]:
-    """The two runs that make the demo model (:data:`DEMO_PRETRAIN`, then :data:`DEMO_FINETUNE`
-    started from the first run's exported EMA), writing into ``work_dir``/demo and /demo_ft.
-    Run them in order with :func:`train`; the second run's EMA is the demo model."""
-    work_dir = Path(work_dir)
-    first = TrainConfig(**copy.deepcopy(DEMO_PRETRAIN), out_dir=str(work_dir / "demo"),
-                        checkpoint_every=checkpoint_every)
-    second = TrainConfig(**copy.deepcopy(DEMO_FINETUNE), out_dir=str(work_dir / "demo_ft"),
-                         checkpoint_every=checkpoint_every, init_from=str(work_dir / "demo" / EMA_FILE))
-    if pretrain_steps is not None:
-        first.total_steps = pretrain_steps
-    if finetune_steps is not None:
-        second.total_steps = finetune_steps
-    return [first, second]
+def demo_recipe(out_dir: PathLike = "/tmp/vivid_runs/demo", steps: Optional[int] = None,
+                checkpoint_every: int = 250) -> TrainConfig:
+    """The run that makes the demo model (:data:`DEMO_RECIPE`, writing into ``out_dir``); its EMA
+    is the demo model. ``steps`` shortens or lengthens it."""
+    config = TrainConfig(**copy.deepcopy(DEMO_RECIPE), out_dir=str(out_dir), checkpoint_every=checkpoint_every)
+    if steps is not None:
+        config.total_steps = steps
+    config.reproduce = _recipe_command(config)
+    return config
 
 
-def demo_commands(work_dir: PathLike = "/tmp/vivid_runs", threads: int = 1, checkpoint_every: int = 100) -> List[str]:
-    """Command lines of :func:`demo_recipe` (what the demo model's JSON meta records)."""
-    commands = []
-    for config in demo_recipe(work_dir, checkpoint_every=checkpoint_every):
-        data = {k: v for k, v in config.data.items() if k != "kind"}
-        argv = ["--out", config.out_dir]
-        if config.init_from:
-            argv += ["--init-from", config.init_from]
-        argv += ["--steps", str(config.total_steps), "--batch", str(config.batch_size), "--lr", f"{config.ref_lr:g}",
-                 "--lr-ref-steps", str(config.lr_ref_steps), "--rampup-steps", str(config.lr_rampup_steps),
-                 "--seed", str(config.seed), "--threads", str(threads), "--checkpoint-every",
-                 str(config.checkpoint_every), "--log-every", "50", "--procedural", json.dumps(data)]
-        commands.append(shlex.join(["python", "-m", "nvs_core.vivid.training", *argv]))
-    return commands
+def demo_command(out_dir: PathLike = "/tmp/vivid_runs/demo", threads: int = 1, checkpoint_every: int = 250) -> str:
+    """The command line of :func:`demo_recipe` (what the demo model's JSON meta records)."""
+    return _recipe_command(demo_recipe(out_dir, checkpoint_every=checkpoint_every), threads)
+
+
+def _recipe_command(config: TrainConfig, threads: int = 1) -> str:
+    data = {k: v for k, v in config.data.items() if k != "kind"}
+    argv = ["--out", config.out_dir, "--steps", str(config.total_steps), "--batch", str(config.batch_size),
+            "--lr", f"{config.ref_lr:g}", "--lr-ref-steps", str(config.lr_ref_steps),
+            "--rampup-steps", str(config.lr_rampup_steps), "--label-statistics", config.label_statistics,
+            "--seed", str(config.seed), "--threads", str(threads), "--checkpoint-every", str(config.checkpoint_every),
+            "--log-every", "50", "--procedural", json.dumps(data)]
+    return shlex.join(["python", "-m", "nvs_core.vivid.training", *argv])
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +333,31 @@ def pairs_from_config(config: TrainConfig, imsize: int):
         raise ValueError(f"data kind {kind!r} lists no paths")
     return vdata.pair_source(views, imsize, config.translation_scale, config.homography_fraction,
                              max_gap=spec.get("max_gap"))
+
+
+def with_label_standardization(config: TrainConfig, pairs) -> TrainConfig:
+    """``config`` with the label statistics its network is trained with put into ``network``.
+
+    Kept when ``network`` already names them (a resumed or explicit config); inherited from the
+    start network with ``init_from``; else fitted on :data:`LABEL_FIT_PAIRS` pairs drawn from a
+    generator seeded by ``seed`` (deterministic, so a resumed run fits the same) for "fitted".
+    """
+    network = config.network
+    if "label_standardization" in network or int(network.get("label_dim", 0)) != LABEL_DIM:
+        return config
+    if config.init_from:
+        _, start = load_with_config(config.init_from)
+        stats = start.get("constructor", {}).get("label_standardization")
+    elif config.label_statistics == "fitted":
+        generator = torch.Generator().manual_seed(config.seed + 0x5EED)  # apart from the per-step streams
+        batches = [pairs.sample(min(256, LABEL_FIT_PAIRS - done), generator).geometry
+                   for done in range(0, LABEL_FIT_PAIRS, 256)]
+        stats = fit_label_standardization(torch.cat(batches), int(network["img_resolution"]))
+    else:
+        stats = None
+    if stats is None:
+        return config
+    return dataclasses.replace(config, network={**copy.deepcopy(network), "label_standardization": stats})
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +442,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
     imsize = int(config.network["img_resolution"])
     pairs = pairs_from_config(config, imsize) if data is None else vdata.pair_source(
         data, imsize, config.translation_scale, config.homography_fraction)
+    config = with_label_standardization(config, pairs)
 
     net = build_network(config.network, config.seed, device)
     if config.init_from:
@@ -521,6 +546,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="fraction of single-image rotation-homography pairs (folders / re10k data)")
     parser.add_argument("--translation-scale", type=float, default=d.translation_scale,
                         help="scene units -> label units for the camera translation")
+    parser.add_argument("--label-statistics", choices=LABEL_STATISTICS, default=d.label_statistics,
+                        help="camera-label standardisation: fitted to this run's pairs, or RealEstate10K's "
+                             "published constants (kept from the start network with --init-from)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--init-from", default=None,
                         help="fine-tune: start from this VIVID network file (e.g. a run's network-ema.safetensors)")
@@ -528,6 +556,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    d = TrainConfig()
     network = copy.deepcopy(DEMO_NETWORK)
     if args.network:
         network.update(json.loads(args.network))
@@ -548,7 +577,8 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
                        lr_ref_steps=args.lr_ref_steps, lr_rampup_steps=args.rampup_steps, P_mean=args.p_mean,
                        P_std=args.p_std, ema_stds=ema_stds, ema_export_std=float(args.ema_std), seed=args.seed,
                        out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=not args.no_resume,
-                       device=args.device, reproduce=reproduce, init_from=getattr(args, "init_from", None))
+                       device=args.device, reproduce=reproduce, init_from=getattr(args, "init_from", None),
+                       label_statistics=getattr(args, "label_statistics", d.label_statistics))
 
 
 def run_cli(args: argparse.Namespace) -> int:

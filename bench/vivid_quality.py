@@ -51,7 +51,7 @@ def main():
         if getattr(args, key) is not None:
             budget[key] = getattr(args, key)
 
-    train_seconds, steps = 0.0, 0
+    train_seconds, steps, resumed_at = 0.0, 0, 0
     if args.eval_only:
         net, translation_scale = load_demo_model(args.model)
         source = args.model or "committed demo model"
@@ -60,11 +60,13 @@ def main():
         with tempfile.TemporaryDirectory(prefix="vivid_quality_") as work:
             kept = args.out is not None
             config = vt.demo_recipe(args.out if kept else work, budget["steps"], checkpoint_every=250 if kept else 0)
+            resumed_at = vt.saved_step(config.out_dir) if kept else 0
             result = vt.train(config, progress=silent_progress)
-            steps = result.step
+            steps = result.step - resumed_at
         train_seconds = time.perf_counter() - start
         net, translation_scale = result.ema, config.translation_scale
-        source = f"trained here for {budget['steps']} steps"
+        source = f"trained for {budget['steps']} steps" + (f", {steps} of them here (resumed at step {resumed_at})"
+                                                           if resumed_at else " here")
 
     evalset = procedural_eval_set(budget["objects"], net.img_resolution, views=VIEWS,
                                   translation_scale=translation_scale)
@@ -81,7 +83,8 @@ def main():
         print(f"  {sigma:10s} {row['right']:.4f} / {row['other_source']:.4f} / {row['other_label']:.4f}")
     result = {
         "bench": "vivid_quality", "quick": args.quick, "eval_only": args.eval_only,
-        "train_steps": steps, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "train_steps": steps, "resumed_at_step": resumed_at if not args.eval_only else 0,
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "objects": budget["objects"], "views": VIEWS, "sampler_steps": budget["sampler_steps"],
         "model_psnr": scores["model"]["psnr"], "model_ssim": scores["model"]["ssim"],
         "copy_source_psnr": scores["copy_source"]["psnr"], "copy_source_ssim": scores["copy_source"]["ssim"],

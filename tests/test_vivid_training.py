@@ -167,7 +167,8 @@ def test_interrupted_run_saves_and_resumes(tmp_path, scenes):
     with pytest.raises(Interrupted):
         vt.train(_config(tmp_path, total_steps=4), progress=stop_after_two, data=scenes)
     state = json.loads((tmp_path / "training-state.json").read_text())
-    assert state["meta"]["step"] == 2
+    assert state["meta"]["step"] == 2 == vt.saved_step(tmp_path)
+    assert vt.saved_step(tmp_path / "absent") == 0
     assert vt.train(_config(tmp_path, total_steps=4), progress=silent_progress, data=scenes).step == 4
 
 

@@ -396,6 +396,15 @@ def save_training_state(path: PathLike, net: torch.nn.Module, optimizer: torch.o
     return path
 
 
+def saved_step(out_dir: PathLike) -> int:
+    """The step of the training state saved in ``out_dir`` (0 when there is none)."""
+    path = Path(out_dir) / STATE_FILE
+    if not path.is_file():
+        return 0
+    _, config = load_with_config(path)
+    return int(config.get("meta", {}).get("step", 0))
+
+
 def load_training_state(path: PathLike, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         ema: PowerFunctionEMA, config: TrainConfig) -> tuple:
     """Restore what :func:`save_training_state` wrote; returns (step, losses)."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 
+from ..nvs_core.checkpoints import atomic_path
 from ..nvs_core.multiview import MultiView
 
 CAMERA = "NVS_CAMERA"
@@ -138,15 +138,8 @@ def training_views(multiview, why: str):
 
 def copy_atomic(source: str, target: str) -> None:
     """Copy through a temporary file in the target's folder, so a reader never sees half a file."""
-    folder = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".nvs-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def export_trained(ema_path, folder: str, name: str) -> str:

@@ -19,6 +19,7 @@ import _compat_pickle
 import argparse
 import builtins
 import collections
+import contextlib
 import copyreg
 import datetime
 import functools
@@ -36,7 +37,7 @@ import tempfile
 import types
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -770,6 +771,22 @@ def _contiguous_unshared(state_dict: Mapping, path) -> Dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so writers that infer the format still
+    work); on success it replaces ``path``, so a reader never sees half a file; on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_with_config(path, state_dict: Mapping[str, torch.Tensor], config: Mapping) -> None:
     """Write ``X.safetensors`` and ``X.json`` atomically; the config is also stored in the metadata
     key ``nvs_config`` so the safetensors file works alone."""
@@ -784,21 +801,9 @@ def save_with_config(path, state_dict: Mapping[str, torch.Tensor], config: Mappi
     tensors = _contiguous_unshared(state_dict, path)
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temps = []
-    try:
-        for suffix in (".safetensors", ".json"):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix + ".tmp")
-            os.close(fd)
-            temps.append(tmp)
-        save_file(tensors, temps[0], metadata={"format": "pt", "nvs_config": json.dumps(cfg)})
-        Path(temps[1]).write_text(text + "\n", encoding="utf-8")
-        os.replace(temps[0], path)
-        os.replace(temps[1], path.with_suffix(".json"))
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_path(path.with_suffix(".json")) as json_tmp, atomic_path(path) as tensors_tmp:
+        save_file(tensors, str(tensors_tmp), metadata={"format": "pt", "nvs_config": json.dumps(cfg)})
+        json_tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def check_state_dict(expected: Mapping[str, Any], got: Mapping[str, torch.Tensor], path) -> None:

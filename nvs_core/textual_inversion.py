@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import CheckpointError, load_safetensors, sniff_format
+from .checkpoints import CheckpointError, atomic_path, load_safetensors, sniff_format
 from .progress import ProgressFactory, resolve
 from .sd.interface import SDBackend
 
@@ -335,9 +334,8 @@ def save_learned_embeds_bin(path: PathLike, token: str, vector: torch.Tensor) ->
     """``{token: float32[D]}`` with ``torch.save`` (the published ``learned_embeds.bin``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({token: vector.detach().float().cpu().clone()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({token: vector.detach().float().cpu().clone()}, tmp)
     return path
 
 
@@ -352,9 +350,8 @@ def save_comfy_embedding(path: PathLike, token: str, vector: torch.Tensor,
     metadata = {"nvs_placeholder_token": token, "nvs_format": "textual_inversion"}
     if meta:
         metadata["nvs_recipe"] = json.dumps(meta, default=str)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({EMBEDDING_KEY: vector.detach().float().cpu().reshape(1, -1).contiguous()}, str(tmp), metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({EMBEDDING_KEY: vector.detach().float().cpu().reshape(1, -1).contiguous()}, str(tmp), metadata)
     return path
 
 

@@ -362,3 +362,19 @@ def test_no_unsafe_calls_in_product_code():
         assert not re.search(r"\bpickle\.loads?\(|\bexec\(|\beval\(", text), name
         for line in text.splitlines():
             assert "torch.load(" not in line or "weights_only=True" in line, line
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    from nvs_core.checkpoints import atomic_path
+
+    target = tmp_path / "sub" / "out.png"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".png" and tmp != target
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.png"]

@@ -23,7 +23,6 @@ raises :class:`EmptyFieldError` instead of writing an empty mesh.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
+from ..checkpoints import atomic_path
 from .field import RealFusionField
 
 PathLike = Union[str, Path]
@@ -374,9 +374,8 @@ def to_trimesh(mesh: FieldMesh):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_glb(mesh: FieldMesh, path: PathLike) -> Path:
@@ -406,9 +405,8 @@ def write_obj(mesh: FieldMesh, path: PathLike) -> Path:
                "Ks 0.000000 0.000000 0.000000", "Tr 1.000000", "illum 1", "Ns 0.000000", f"map_Kd {png_name}"]
         _atomic_write(path.with_suffix(".mtl"), ("\n".join(mtl) + "\n").encode())
         image = Image.fromarray(mesh.texture)
-        tmp = path.with_name(f".{png_name}.tmp{os.getpid()}.png")
-        image.save(tmp)
-        os.replace(tmp, path.with_name(png_name))
+        with atomic_path(path.with_name(png_name)) as tmp:
+            image.save(tmp)
     elif mesh.vertex_colors is not None:
         lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
                   for (x, y, z), (r, g, b) in zip(mesh.vertices, mesh.vertex_colors)]

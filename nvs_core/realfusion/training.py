@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..checkpoints import atomic_path
 from ..progress import ProgressFactory, resolve
 from .cameras import (InputView, RandomSource, gather_pixels, jitter_rays, nvs_rays_to_realfusion, prepare_rgba,
                       real_camera_noise_scale, sample_training_view)
@@ -233,18 +232,6 @@ class _LossScale:
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_run(run_dir: Union[str, Path], field: RealFusionField, optimizer, ema: EMA, source: RandomSource,
              step: int, config: TrainConfig, scale: _LossScale, counters: Dict[str, int]) -> None:
     """Write the field (``field.safetensors`` + ``.json``) and the training state (``train_state.pt``)."""
@@ -258,7 +245,8 @@ def save_run(run_dir: Union[str, Path], field: RealFusionField, optimizer, ema: 
              "loss_scale": scale.emulated, "finite_steps": scale.finite_steps,
              "grid_levels_mask": int(field.grid_levels_mask), "iter_density": int(field.iter_density),
              "local_step": int(field.local_step), "counters": dict(counters)}
-    _atomic_torch_save(state, run_dir / STATE_FILE)
+    with atomic_path(run_dir / STATE_FILE) as tmp:
+        torch.save(state, tmp)
 
 
 def load_run(run_dir: Union[str, Path], field: RealFusionField, optimizer, ema: EMA, source: RandomSource,

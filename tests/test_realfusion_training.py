@@ -70,13 +70,7 @@ def test_published_camera_replacement_uses_front_prompt():
 
 def test_fp16_weighting_of_sds():
     """Published: SDS enters unscaled, the rest is scaled by S then unscaled, so SDS counts 1/S."""
-    grads = {}
-    for preset in ("published", "fixed"):
-        f = field()
-        cfg = TrainConfig(preset=preset, iters=1, replace_camera=False, weights=LossWeights(
-            image=0, mask=0, entropy=0, orient=0, smooth_2d=0), **{**FAST, "occupancy_every": 1})
-        train(f, rgba=photo(), guidance=StubGuidance(), config=cfg, progress=quiet)
-        grads[preset] = f.sigma_net.net[-1].bias.grad.clone()
+    grads = {preset: sds_only_step(preset, "fp32")[0] for preset in ("published", "fixed")}
     assert grads["fixed"].abs().sum() > 0
     torch.testing.assert_close(grads["published"] * 65536, grads["fixed"], rtol=1e-4, atol=1e-12)
 
@@ -92,6 +86,48 @@ def test_loss_scale_emulation():
     assert _autocast_dtype("auto", torch.device("cpu")) is None
     assert _autocast_dtype("auto", torch.device("cuda")) == torch.float16
     assert _autocast_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    assert _autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert _autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+def sds_only_step(preset, autocast):
+    """One step with SDS alone (a stub whose gradient is 1 at every pixel): the last density bias's gradient."""
+    f = field()
+    cfg = TrainConfig(preset=preset, iters=1, autocast=autocast, replace_camera=False, weights=LossWeights(
+        image=0, mask=0, entropy=0, orient=0, smooth_2d=0), **{**FAST, "occupancy_every": 1})
+    result = train(f, rgba=photo(), guidance=StubGuidance(), config=cfg, progress=quiet)
+    return f.sigma_net.net[-1].bias.grad.clone(), result
+
+
+def test_fp16_autocast_runs_the_gradscaler_path():
+    """The CUDA mixed-precision path, run on CPU: autocast fp16 with a real GradScaler. Published: SDS bypasses
+    the scaler and ends up weighted 1/S as in float32's emulation; fixed: SDS is scaled with the rest, so
+    S = 65536 overflows fp16 on the first step and the scaler skips it, as it would on CUDA."""
+    reference, _ = sds_only_step("published", "fp32")
+    published, result = sds_only_step("published", "fp16")
+    assert result.skipped_steps == 0
+    torch.testing.assert_close(published, reference, rtol=2e-2, atol=1e-9)
+    fixed, result = sds_only_step("fixed", "fp16")
+    assert result.skipped_steps == 1 and not torch.isfinite(fixed).all()
+    bf16, result = sds_only_step("fixed", "bf16")  # bf16 has float32's range: no scaler, no overflow
+    assert result.skipped_steps == 0
+    torch.testing.assert_close(bf16, reference * 65536, rtol=0.1, atol=1e-6)  # bf16 keeps 8 mantissa bits
+
+
+@pytest.mark.parametrize("autocast", ["fp16", "bf16"])
+def test_tiny_sd_backend_steps_under_autocast(autocast):
+    from nvs_core.realfusion.sds import SDSConfig, SDSGuidance, encode_direction_prompts
+    from nvs_core.sd.tiny import tiny_backend_with_tokenizer
+
+    backend = tiny_backend_with_tokenizer()
+    guidance = SDSGuidance(backend, encode_direction_prompts(backend, "a photo of a cat"), SDSConfig(resolution=32))
+    f = field()
+    before = f.sigma_net.net[-1].bias.detach().clone()
+    r = train(f, rgba=photo(), guidance=guidance, config=TrainConfig(iters=4, autocast=autocast, **FAST),
+              progress=quiet)
+    assert r.global_step == 4 and r.skipped_steps == 0 and r.sds_nonfinite == 0
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)
+    assert f.sigma_net.net[-1].bias.dtype == torch.float32 and not torch.equal(f.sigma_net.net[-1].bias, before)
 
 
 def test_schedule_ema_level_mask_occupancy_and_losses():

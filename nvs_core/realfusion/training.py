@@ -35,8 +35,9 @@ SDS off (``guidance=None``): pure multi-view / input-view fitting (the CPU demo)
 Non-finite SDS gradient entries are counted (``nan_to_num`` zeroes them, as published) and reported; a step
 whose parameter gradients are not finite is skipped (what the GradScaler does under fp16) and counted.
 Interrupts raised by the progress reporter end the loop; the run state is saved (when a run folder is
-given) and the result says ``interrupted``. Mixed precision: autocast fp16 (with a GradScaler) or bf16 on
-CUDA; float32 on CPU.
+given) and the result says ``interrupted``. Mixed precision (``autocast``): "auto" is fp16 autocast with a
+GradScaler on CUDA and float32 on CPU; "fp16" (with a GradScaler) and "bf16" run under autocast on any device
+(on CPU slower than float32, but the very code path CUDA takes); "fp32" never autocasts.
 """
 from __future__ import annotations
 
@@ -201,11 +202,9 @@ def _multiview_data(multiview, scale: float, device) -> _Views:
 # ------------------------------------------------------------------------------ precision
 
 def _autocast_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
-    if device.type != "cuda" or choice == "fp32":
+    if choice == "fp32" or (choice == "auto" and device.type != "cuda"):
         return None
-    if choice == "bf16":
-        return torch.bfloat16
-    return torch.float16  # "auto" and "fp16"
+    return torch.bfloat16 if choice == "bf16" else torch.float16
 
 
 class _LossScale:
@@ -325,7 +324,7 @@ def train(field: RealFusionField, *, rgba: Optional[torch.Tensor] = None, multiv
     optimizer = torch.optim.Adam(field.param_groups(config.lr), betas=(0.9, 0.99), eps=1e-15)
     ema = EMA(field.parameters(), decay=config.ema_decay)
     amp_dtype = _autocast_dtype(config.autocast, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     scale = _LossScale(scaler)
     published_anneal = bool(config.annealed_published)
     levels_mask = default_levels_mask(field, config)

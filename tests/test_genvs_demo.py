@@ -49,6 +49,26 @@ def test_evaluate_on_the_shared_eval_set(tiny_model_path):
         demo.evaluate(model, procedural_eval_set(1, 16, views=2, samples_per_pixel=1), steps=1)
 
 
+def test_colour_use_tells_a_colour_blind_encoder(tiny_model_path):
+    """Weights proportional to the ImageNet std on every path the raw image enters (the stem and the last
+    up-block's skip) make the encoder see only brightness: cycling the colour channels leaves the volume."""
+    from nvs_core.genvs.encoder import IMAGENET_STD
+
+    evalset = procedural_eval_set(2, 8, views=2, samples_per_pixel=1)
+    model = load_genvs(tiny_model_path)
+    seeing = demo.colour_use(model, evalset)
+    assert seeing["volume_change"] > 1e-3 and seeing["source_chroma"] > 0.01
+    assert 0 <= seeing["render_chroma"] <= 1
+    std = torch.tensor(IMAGENET_STD)
+    with torch.no_grad():
+        stem = model.input_unet.encoder.conv1.weight
+        stem.copy_(stem[:, :1] * std[None, :, None, None])
+        last = model.input_unet.decoder.up_block3.conv.weight
+        last[:, -3:] = last[:, -3:-2] * std[None, :, None, None]
+    blind = demo.colour_use(model, evalset)
+    assert blind["volume_change"] < 1e-5
+
+
 def test_cli_dispatch(tmp_path, tiny_model_path, monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run", lambda out, seed: calls.append((out, seed)))

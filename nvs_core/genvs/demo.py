@@ -26,10 +26,11 @@ from ..progress import ProgressFactory, resolve, shared, silent_progress
 from ..vivid.data import EvalSet, eval_azimuth_offsets, from_model_space
 from ..vivid.demo_model import format_comparison, image_metrics
 from .cameras import to_genvs
+from .encoder import preprocess
 from .loading import load_genvs
 from .model import GeNVS
 from .orbit import autoregressive_orbit
-from .pipeline import generate_views
+from .pipeline import fit_images, generate_views
 
 PathLike = Union[str, Path]
 
@@ -130,6 +131,39 @@ def evaluate(model: GeNVS, evalset: EvalSet, steps: int = DEMO_STEPS, stochastic
     result["difference"] = {k: round(result["model"][k] - result["copy_source"][k], 4) for k in ("psnr", "ssim")}
     result["views"] = out["views"]
     return result
+
+
+@torch.no_grad()
+def colour_use(model: GeNVS, evalset: EvalSet, count: int = 16) -> Dict[str, float]:
+    """Whether the encoder carries the sources' colours: the relative change of the feature volume when
+    the first ``count`` source images' channels are cycled (RGB -> GBR, which keeps brightness patterns
+    and moves every colour); 0 means a colour-blind encoder, whose render and samples can only guess the
+    colours. Also the mean chroma (mean absolute deviation from the pixel's grey) of the source-view
+    render's RGB channels on opaque pixels, next to the same figure for the source images there."""
+    per = len(evalset.targets) // len(evalset.sources)
+    count = min(count, len(evalset.sources))
+    images = torch.cat([_unit(evalset.pairs.src[k * per:k * per + 1]) for k in range(count)])
+    cycled = images[:, [1, 2, 0]]
+    volumes = model.input_unet(preprocess(fit_images(torch.cat([images, cycled]), model.config.image_size)))
+    plain, moved = volumes.chunk(2)
+    change = float((moved - plain).norm() / plain.norm().clamp_min(1e-12))
+
+    def chroma(x: torch.Tensor) -> torch.Tensor:   # (..., 3)
+        return (x - x.mean(-1, keepdim=True)).abs().mean(-1)
+
+    rendered, truth = [], []
+    for k in range(count):
+        source, _ = relative_cameras(evalset.sources[[k]], evalset.sources[[k]], model.config.render_size)
+        out = generate_views(model, images[k:k + 1], source, source, steps=1)
+        rgb = _render_rgb(out["features"])[0].permute(1, 2, 0)
+        opaque = GeNVS.condition(out["opacity"])[0, 0] > 0.5
+        src = _to_image(fit_images(images[k:k + 1], rgb.shape[0]))[0]
+        rendered.append(chroma(rgb[opaque]))
+        truth.append(chroma(src[opaque]))
+    rendered, truth = torch.cat(rendered), torch.cat(truth)
+    return {"volume_change": round(change, 4),
+            "render_chroma": round(float(rendered.mean()) if rendered.numel() else 0.0, 4),
+            "source_chroma": round(float(truth.mean()) if truth.numel() else 0.0, 4)}
 
 
 def format_table(result: Dict[str, Dict[str, float]]) -> str:

@@ -78,7 +78,7 @@ def main():
     print(f"VIVID quality ({source}): {budget['objects']} held-out objects x {VIEWS} views, "
           f"{budget['sampler_steps']} sampler steps, {net.img_resolution} px")
     print(format_comparison(scores))
-    print("denoising MSE with the right inputs / another object's source / another pair's label:")
+    print("denoising MSE with the right inputs / another object's source / another target's label (same source):")
     for sigma, row in used.items():
         print(f"  {sigma:10s} {row['right']:.4f} / {row['other_source']:.4f} / {row['other_label']:.4f}")
     result = {

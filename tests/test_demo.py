@@ -89,3 +89,26 @@ def test_conditioning_use_tells_an_ignored_input_from_a_used_one():
                 p.fill_(1.0)
     used = conditioning_use(net, pairs, sigmas=(5.0,), count=12)["sigma_5"]
     assert used["other_source"] != used["right"] and used["other_label"] != used["right"]
+
+
+def test_conditioning_use_swaps_labels_within_an_object():
+    """Evaluation sets give every object the same target offsets, so the swapped label must come from
+    another target of the same source, and the swapped source from another object."""
+    import torch
+
+    from nvs_core.vivid.data import procedural_eval_set
+    from nvs_core.vivid.demo_model import conditioning_use
+
+    pairs = procedural_eval_set(3, 8, views=4, samples_per_pixel=1).pairs
+    calls = []
+
+    def recorder(src, x, sigma, geometry):
+        calls.append((src, geometry))
+        return x
+
+    conditioning_use(recorder, pairs, sigmas=(1.0,), count=12)
+    (src, geo), (other_src, same_geo), (same_src, other_geo) = calls
+    assert torch.equal(src, pairs.src) and torch.equal(geo, pairs.geometry)
+    assert torch.equal(same_geo, geo) and torch.equal(other_src, pairs.src[torch.arange(12).roll(4)])
+    assert torch.equal(same_src, src)
+    assert torch.equal(other_geo, pairs.geometry[torch.tensor([2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9])])

@@ -71,12 +71,20 @@ def evaluate(net: NVPrecond, evalset: EvalSet, num_steps: int = 32, max_batch_si
 def conditioning_use(net: NVPrecond, pairs: PairBatch, sigmas: Sequence[float] = (1.0, 5.0), count: int = 64,
                      seed: int = 0) -> Dict[str, Dict[str, float]]:
     """How much the net uses its inputs: denoising MSE of the first ``count`` pairs at each sigma with
-    the right source and label, with the sources of other pairs, and with the labels of other pairs
-    (the pairs are rolled by one object's worth of targets). Equal errors mean an ignored input."""
+    the right source and label, with another object's source (same label), and with the label of
+    another target of the same source (the source's targets are consecutive, as in the evaluation
+    sets; their labels are cycled by half the group). Equal errors mean an ignored input.
+
+    The label is swapped within an object because the evaluation sets give every object the same
+    target offsets: another object's pair at the same position has almost the same label."""
     pairs = pairs[torch.arange(min(count, len(pairs)))]
     n = len(pairs)
     same_source = int((pairs.src[:1] == pairs.src).flatten(1).all(1).sum())  # targets of the first object
-    other = torch.roll(torch.arange(n), max(same_source, 1))
+    other_source = torch.roll(torch.arange(n), max(same_source, 1))
+    if same_source > 1 and n % same_source == 0:
+        other_target = torch.arange(n).reshape(-1, same_source).roll(same_source // 2, 1).flatten()
+    else:
+        other_target = torch.roll(torch.arange(n), 1)
     noise = torch.randn(pairs.dst.shape, generator=torch.Generator().manual_seed(seed))
     out = {}
     for sigma in sigmas:
@@ -87,8 +95,8 @@ def conditioning_use(net: NVPrecond, pairs: PairBatch, sigmas: Sequence[float] =
             return round(float(((net(src, x, s, geometry) - pairs.dst) ** 2).mean()), 5)
 
         out[f"sigma_{sigma:g}"] = {"right": mse(pairs.src, pairs.geometry),
-                                   "other_source": mse(pairs.src[other], pairs.geometry),
-                                   "other_label": mse(pairs.src, pairs.geometry[other])}
+                                   "other_source": mse(pairs.src[other_source], pairs.geometry),
+                                   "other_label": mse(pairs.src, pairs.geometry[other_target])}
     return out
 
 

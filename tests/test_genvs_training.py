@@ -188,13 +188,50 @@ def test_multiview_data_and_bad_input():
         T.train(tiny_train_config(total_steps=1))
 
 
+def test_mask_term_pulls_opacity_to_the_object_mask(batch):
+    """Ours, off by default: lambda_mask * MSE(opacity, mask) on both rendered views, masks area-averaged
+    to the render grid; it trains the NeRF through the opacity and needs masks in the data."""
+    import torch.nn.functional as F
+
+    assert batch.masks.shape == (2, 3, 1, 8, 8) and 0 < float(batch.masks.mean()) < 1
+    config = tiny_train_config(lambda_mask=2.0, lambda_diffusion=0.0)
+    model = T.build_network(config.network, 0)
+    draws = T.draw_step(config, model.config, batch, torch.Generator().manual_seed(1))
+    terms = T.genvs_loss(model, batch, draws, config)
+    assert "mask" not in T.genvs_loss(model, batch, draws, tiny_train_config(lambda_diffusion=0.0))
+    # the same term by hand: render view 0 and the target with the same draws
+    nv, size = draws.nv, model.config.image_size
+    x = T.preprocess(T.fit_images(batch.images[:, :nv].flatten(0, 1), size)) + draws.input_noise
+    src = T.SourceViews(model.input_unet(x).reshape(2, nv, -1, size, size), batch.poses[:, :nv], batch.camera_k)
+    poses = torch.stack([batch.poses[:, 0], batch.poses[:, -1]], dim=1)
+    _, _, opacity = model.render(src, poses, batch.intrinsics[0], draws=draws.render, random_importance=True)
+    masks = F.adaptive_avg_pool2d(torch.stack([batch.masks[:, 0], batch.masks[:, -1]], 1).flatten(0, 1), 4)
+    torch.testing.assert_close(terms["mask"], 2.0 * ((opacity - masks.reshape(opacity.shape)) ** 2).mean())
+    model.zero_grad()
+    terms["mask"].backward()
+    assert model.nerf.sigma_color_net.net[-1].weight.grad.abs().sum() > 0
+    unmasked = T.ViewBatch(batch.images, batch.poses, batch.intrinsics, batch.camera_k, batch.camera_d)
+    assert T.ViewBatch.stack([batch, unmasked]).masks is None
+    with pytest.raises(ValueError, match="masks"):
+        T.genvs_loss(model, unmasked, draws, config)
+    with pytest.raises(ValueError, match="lambda_mask"):
+        tiny_train_config(lambda_mask=-1.0)
+    cams = Cameras.from_spherical(0.3, torch.linspace(0, 1.5, 4), 2.6, math.radians(45), 12, 10)
+    mv = render_multiview(5, cams, samples_per_pixel=1)
+    with_masks = T.view_source(mv, tiny_train_config()).sample(1, torch.Generator().manual_seed(0))
+    assert with_masks.masks.shape == (1, 3, 1, 8, 8)
+    no_masks = MultiView(mv.images, mv.cameras)
+    assert T.view_source(no_masks, tiny_train_config()).sample(1, torch.Generator().manual_seed(0)).masks is None
+
+
 def test_cli_trains_and_records_command(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["--out", str(out), "--steps", "1", "--batch", "1", "--network", json.dumps(tiny_network()),
-            "--procedural", json.dumps({"samples_per_pixel": 1}), "--threads", "1"]
+            "--procedural", json.dumps({"samples_per_pixel": 1}), "--threads", "1", "--lambda-mask", "0.5"]
     assert T.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["steps"] == 1 and line["skipped"] == 0
     _, meta = load_with_config(out / T.EMA_FILE)
     assert meta["meta"]["reproduce"].startswith("python -m nvs_core genvs-train --out ")
     assert meta["meta"]["training"]["data"]["samples_per_pixel"] == 1
+    assert meta["meta"]["training"]["lambda_mask"] == 0.5

@@ -11,6 +11,10 @@ GeNVS), per step on a batch of samples, each ``max_sources`` + 1 views of one sc
   ``opacity`` = lambda_opacity * mean(opacity), ``depth`` = lambda_depth * mean(o (d / (o + 1e-6) - camera_d)^2)
   (pushes the expected depth to the first source camera's distance); all on the render grid (the
   published code computes them after the nearest x2 upsampling, which leaves every mean unchanged);
+- ours, off by default (``lambda_mask`` 0): ``mask`` = lambda_mask * MSE(opacity, object mask) on both
+  rendered views (masks area-averaged to the render grid; the data must carry masks). Against the white
+  background the field can explain a pixel's brightness with transparency instead of colour (bright
+  object pixels at opacity 0.1-0.3, a grey render); the mask term removes that ambiguity;
 - diffusion: with probability ``no_cond_prob`` (0.1, per batch) the condition (the target render
   upsampled x2) is replaced by U[0, 1) noise; with probability 1 - ``diff_augmentation_prob`` (0.8;
   published ``random() > p``) target and condition get the same random affine augmentation (k-diffusion's
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..cameras import Cameras
 from ..checkpoints import CheckpointError, load_with_config, save_with_config
@@ -137,6 +142,7 @@ class TrainConfig:
     lambda_opacity: float = 0.001
     lambda_depth: float = 1.0
     lambda_diffusion: float = 1.0
+    lambda_mask: float = 0.0          # ours (see the module doc); needs masks in the data
     no_cond_prob: float = 0.1
     diff_augmentation_prob: float = 0.2
     aug_prob: float = 0.1
@@ -167,6 +173,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.restart_steps < 1:
             raise ValueError(f"restart_steps must be >= 1, got {self.restart_steps}")
+        if not (math.isfinite(self.lambda_mask) and self.lambda_mask >= 0):
+            raise ValueError(f"lambda_mask must be a finite number >= 0, got {self.lambda_mask}")
 
     @property
     def genvs_config(self) -> GeNVSConfig:
@@ -184,8 +192,9 @@ class TrainConfig:
 # Fields a resumed run must share with the saved one.
 RECIPE_FIELDS = ("network", "data", "max_sources", "normalize_first_view", "batch_size", "lr", "lr_ratios",
                  "weight_decay", "grad_clip", "restart_steps", "eta_min", "warmup_steps", "lambda_rgb_first",
-                 "lambda_rgb_other", "lambda_opacity", "lambda_depth", "lambda_diffusion", "no_cond_prob",
-                 "diff_augmentation_prob", "aug_prob", "input_noise_prob", "ema_decay", "force_finite", "seed")
+                 "lambda_rgb_other", "lambda_opacity", "lambda_depth", "lambda_diffusion", "lambda_mask",
+                 "no_cond_prob", "diff_augmentation_prob", "aug_prob", "input_noise_prob", "ema_decay", "force_finite",
+                 "seed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,26 +210,31 @@ class ViewBatch:
     intrinsics: torch.Tensor
     camera_k: torch.Tensor
     camera_d: torch.Tensor
+    masks: Optional[torch.Tensor] = None   # (B, V, 1, S, S) object coverage 0..1, when the data has it
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device) -> "ViewBatch":
         return ViewBatch(self.images.to(device), self.poses.to(device), self.intrinsics.to(device),
-                         self.camera_k.to(device), self.camera_d.to(device))
+                         self.camera_k.to(device), self.camera_d.to(device),
+                         None if self.masks is None else self.masks.to(device))
 
     @staticmethod
     def stack(items: Sequence["ViewBatch"]) -> "ViewBatch":
-        return ViewBatch(*(torch.cat([getattr(b, f) for b in items]) for f in
-                           ("images", "poses", "intrinsics", "camera_k", "camera_d")))
+        fields = [torch.cat([getattr(b, f) for b in items]) for f in
+                  ("images", "poses", "intrinsics", "camera_k", "camera_d")]
+        masks = None if any(b.masks is None for b in items) else torch.cat([b.masks for b in items])
+        return ViewBatch(*fields, masks)
 
 
 def views_to_sample(images01: torch.Tensor, cameras: Cameras, size: int, render_size: int,
-                    normalize: bool = True) -> ViewBatch:
-    """One sample from views of one scene: IMAGE [V, H, W, 3] (0..1) + their cameras -> a ViewBatch of 1.
+                    normalize: bool = True, masks: Optional[torch.Tensor] = None) -> ViewBatch:
+    """One sample from views of one scene: IMAGE [V, H, W, 3] (0..1) + their cameras (+ masks [V, H, W])
+    -> a ViewBatch of 1.
 
-    Images are centre-cropped to a square and resized to ``size``; the GeNVS intrinsics are the first
-    view's (the published loader's quirk), on the render grid."""
+    Images (and masks) are centre-cropped to a square and resized to ``size``; the GeNVS intrinsics are
+    the first view's (the published loader's quirk), on the render grid."""
     if images01.ndim != 4 or images01.shape[-1] != 3:
         raise ValueError(f"views must be IMAGE [V, H, W, 3], got {list(images01.shape)}")
     if len(cameras) != images01.shape[0]:
@@ -228,10 +242,14 @@ def views_to_sample(images01: torch.Tensor, cameras: Cameras, size: int, render_
     box = centre_crop_box(*images01.shape[1:3])
     x = images01[:, box.top:box.top + box.side, box.left:box.left + box.side].permute(0, 3, 1, 2).to(torch.float32)
     x = fit_images(x.clamp(0, 1), size)
+    m = None
+    if masks is not None:
+        m = masks[:, None, box.top:box.top + box.side, box.left:box.left + box.side].to(torch.float32)
+        m = fit_images(m.clamp(0, 1), size)[None]
     cams, _ = crop_cameras(cameras.with_size(images01.shape[2], images01.shape[1]))
     g = to_genvs(cams, render_size, normalize=normalize)
     return ViewBatch(x[None], g.poses[None], g.intrinsics[None], g.camera_k.reshape(1).to(torch.float64),
-                     g.camera_d.reshape(1).to(torch.float64))
+                     g.camera_d.reshape(1).to(torch.float64), m)
 
 
 class ProceduralViews:
@@ -268,7 +286,7 @@ class ProceduralViews:
                                           self.imsize)
             out = render(make_scene(seed), cams, self.imsize, self.imsize, background=(1.0, 1.0, 1.0),
                          samples_per_pixel=self.samples_per_pixel)
-            items.append(views_to_sample(out.rgb, cams, self.imsize, self.render_size, self.normalize))
+            items.append(views_to_sample(out.rgb, cams, self.imsize, self.render_size, self.normalize, out.mask))
         return ViewBatch.stack(items)
 
 
@@ -290,8 +308,9 @@ class MultiViewViews:
         for _ in range(count):
             mv = self.scenes[randint(generator, len(self.scenes))]
             pick = torch.randperm(len(mv), generator=generator)[:self.views].tolist()
+            masks = None if mv.masks is None else mv.masks[pick].cpu()
             items.append(views_to_sample(mv.images[pick].cpu(), mv.cameras[pick], self.imsize, self.render_size,
-                                         self.normalize))
+                                         self.normalize, masks))
         return ViewBatch.stack(items)
 
 
@@ -484,6 +503,14 @@ def genvs_loss(model: GeNVS, batch: ViewBatch, draws: StepDraws, config: TrainCo
     camera_d = batch.camera_d.to(device=device, dtype=depth.dtype).reshape(B, 1, 1, 1, 1)
     loss_depth = config.lambda_depth * (opacity * (depth / (opacity + 1e-6) - camera_d) ** 2).mean()
     zero = feats.new_zeros(())
+    loss_mask = zero
+    if config.lambda_mask:
+        if batch.masks is None:
+            raise ValueError("lambda_mask needs object masks in the training data (procedural scenes have them; "
+                             "give NVS_MULTIVIEWs with masks)")
+        masks = torch.stack([batch.masks[:, 0], batch.masks[:, -1]], dim=1).to(opacity)
+        masks = F.adaptive_avg_pool2d(masks.flatten(0, 1), opacity.shape[-2:]).reshape(opacity.shape)
+        loss_mask = config.lambda_mask * ((opacity - masks) ** 2).mean()
     loss_diffusion = zero
     if config.lambda_diffusion:
         target, image = targets[:, -1], cond[:, 1]
@@ -496,8 +523,11 @@ def genvs_loss(model: GeNVS, batch: ViewBatch, draws: StepDraws, config: TrainCo
         losses = model.ddpm_pipeline.loss(target, draws.noise.to(target), draws.sigma.to(target), unet_cond=image,
                                           aug_cond=aug_cond)
         loss_diffusion = config.lambda_diffusion * losses.mean()
-    total = loss_diffusion + loss_rgb + loss_opacity + loss_depth
-    return {"loss": total, "diffusion": loss_diffusion, "rgb": loss_rgb, "opacity": loss_opacity, "depth": loss_depth}
+    total = loss_diffusion + loss_rgb + loss_opacity + loss_depth + loss_mask
+    terms = {"loss": total, "diffusion": loss_diffusion, "rgb": loss_rgb, "opacity": loss_opacity, "depth": loss_depth}
+    if config.lambda_mask:
+        terms["mask"] = loss_mask
+    return terms
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,6 +767,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart-steps", type=int, default=None, help="cosine warm-restart period in steps")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up")
     parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay (default {d.ema_decay})")
+    parser.add_argument("--lambda-mask", type=float, default=None,
+                        help="weight of the opacity-vs-object-mask term (ours, not published; default 0 = off)")
     parser.add_argument("--folder", action="append", default=[], help="multi-view image folder (repeatable)")
     parser.add_argument("--srn", action="append", default=[], help="SRN cars_train instance folder (repeatable)")
     parser.add_argument("--procedural", default=None, help="JSON object of procedural data options merged over "
@@ -773,7 +805,7 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
             data["kind"] = "procedural"
     for key, name in (("total_steps", "steps"), ("batch_size", "batch"), ("lr", "lr"),
                       ("restart_steps", "restart_steps"), ("warmup_steps", "warmup_steps"),
-                      ("ema_decay", "ema_decay"), ("seed", "seed")):
+                      ("ema_decay", "ema_decay"), ("seed", "seed"), ("lambda_mask", "lambda_mask")):
         value = getattr(args, name)
         if value is not None:
             values[key] = value

@@ -26,11 +26,10 @@ from ..progress import ProgressFactory, resolve, shared, silent_progress
 from ..vivid.data import EvalSet, eval_azimuth_offsets, from_model_space
 from ..vivid.demo_model import format_comparison, image_metrics
 from .cameras import to_genvs
-from .encoder import preprocess
 from .loading import load_genvs
 from .model import GeNVS
 from .orbit import autoregressive_orbit
-from .pipeline import fit_images, generate_views
+from .pipeline import fit_images, generate_views, render_targets, source_views
 
 PathLike = Union[str, Path]
 
@@ -144,22 +143,24 @@ def colour_use(model: GeNVS, evalset: EvalSet, count: int = 16) -> Dict[str, flo
     count = min(count, len(evalset.sources))
     images = torch.cat([_unit(evalset.pairs.src[k * per:k * per + 1]) for k in range(count)])
     cycled = images[:, [1, 2, 0]]
-    volumes = model.input_unet(preprocess(fit_images(torch.cat([images, cycled]), model.config.image_size)))
-    plain, moved = volumes.chunk(2)
+    plain, moved = model.encode(fit_images(torch.cat([images, cycled]), model.config.image_size)).chunk(2)
     change = float((moved - plain).norm() / plain.norm().clamp_min(1e-12))
 
     def chroma(x: torch.Tensor) -> torch.Tensor:   # (..., 3)
         return (x - x.mean(-1, keepdim=True)).abs().mean(-1)
 
     rendered, truth = [], []
-    for k in range(count):
-        source, _ = relative_cameras(evalset.sources[[k]], evalset.sources[[k]], model.config.render_size)
-        out = generate_views(model, images[k:k + 1], source, source, steps=1)
-        rgb = _render_rgb(out["features"])[0].permute(1, 2, 0)
-        opaque = GeNVS.condition(out["opacity"])[0, 0] > 0.5
-        src = _to_image(fit_images(images[k:k + 1], rgb.shape[0]))[0]
-        rendered.append(chroma(rgb[opaque]))
-        truth.append(chroma(src[opaque]))
+    with model.mode(False):
+        for k in range(count):
+            source, _ = relative_cameras(evalset.sources[[k]], evalset.sources[[k]], model.config.render_size)
+            src = source_views(model, images[k:k + 1], source, plain[k:k + 1])
+            jitter = torch.Generator().manual_seed(k)
+            features, _, opacity = render_targets(model, src, source, source.intrinsics, jitter)
+            rgb = _render_rgb(features)[0].permute(1, 2, 0)
+            opaque = GeNVS.condition(opacity)[0, 0] > 0.5
+            src_rgb = _to_image(fit_images(images[k:k + 1], rgb.shape[0]))[0]
+            rendered.append(chroma(rgb[opaque]))
+            truth.append(chroma(src_rgb[opaque]))
     rendered, truth = torch.cat(rendered), torch.cat(truth)
     return {"volume_change": round(change, 4),
             "render_chroma": round(float(rendered.mean()) if rendered.numel() else 0.0, 4),

@@ -240,12 +240,11 @@ def views_to_sample(images01: torch.Tensor, cameras: Cameras, size: int, render_
     if len(cameras) != images01.shape[0]:
         raise ValueError(f"{images01.shape[0]} views but {len(cameras)} cameras: expected one camera per view")
     box = centre_crop_box(*images01.shape[1:3])
-    x = images01[:, box.top:box.top + box.side, box.left:box.left + box.side].permute(0, 3, 1, 2).to(torch.float32)
+    planes = images01 if masks is None else torch.cat([images01, masks[..., None].to(images01)], -1)
+    x = planes[:, box.top:box.top + box.side, box.left:box.left + box.side]
+    x = x.permute(0, 3, 1, 2).to(torch.float32)
     x = fit_images(x.clamp(0, 1), size)
-    m = None
-    if masks is not None:
-        m = masks[:, None, box.top:box.top + box.side, box.left:box.left + box.side].to(torch.float32)
-        m = fit_images(m.clamp(0, 1), size)[None]
+    x, m = (x, None) if masks is None else (x[:, :3], x[:, 3:][None])
     cams, _ = crop_cameras(cameras.with_size(images01.shape[2], images01.shape[1]))
     g = to_genvs(cams, render_size, normalize=normalize)
     return ViewBatch(x[None], g.poses[None], g.intrinsics[None], g.camera_k.reshape(1).to(torch.float64),

@@ -88,22 +88,36 @@ class NVSGeNVSTrain:
                                        "rate falls from learning_rate to ~0 over this many steps, then restarts "
                                        "(published: every 400 epochs). Set it to steps for one cosine."),
             "checkpoint_every": checkpoint_every_input(),
+            "source_reconstruction_steps": int_input(0, 0, 10_000_000, "Not published: the first N steps train "
+                                                     "only the encoder and NeRF, on rendering the first source "
+                                                     "view back. A stand-in for the published encoder's ImageNet "
+                                                     "weights when training from scratch, without which the "
+                                                     "encoder stays colour-blind (the demo recipe: 400 of 3100). "
+                                                     "0 = the published objective from the first step."),
+            "source_view_rgb_weight": float_input(0.01, 0.0, 100.0, 0.01, "Weight of the RGB-render MSE on the "
+                                                  "first source view (published 0.01; the demo recipe uses 1, "
+                                                  "which keeps the colours the warm-up taught)."),
         }}
 
     def train(self, data_source, network, steps, learning_rate, batch_size, seed, output_name, resume,
-              multiview=None, denoiser_lr_ratio=1.0, restart_steps=1000, checkpoint_every=100):
+              multiview=None, denoiser_lr_ratio=1.0, restart_steps=1000, checkpoint_every=100,
+              source_reconstruction_steps=0, source_view_rgb_weight=0.01):
         name = train_output_name(output_name, "genvs")
         if data_source not in DATA_SOURCES:
             raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_source!r}")
         if network not in TRAIN_NETWORKS:
             raise ValueError(f"network must be one of {list(TRAIN_NETWORKS)}, got {network!r}")
         for label, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
-                                  ("checkpoint_every", checkpoint_every, 0), ("restart_steps", restart_steps, 1)):
+                                  ("checkpoint_every", checkpoint_every, 0), ("restart_steps", restart_steps, 1),
+                                  ("source_reconstruction_steps", source_reconstruction_steps, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
         for label, value in (("learning_rate", learning_rate), ("denoiser_lr_ratio", denoiser_lr_ratio)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
+        if (not isinstance(source_view_rgb_weight, (int, float)) or not math.isfinite(source_view_rgb_weight)
+                or source_view_rgb_weight < 0):
+            raise ValueError(f"source_view_rgb_weight must be a finite number >= 0, got {source_view_rgb_weight!r}")
         data = None
         if data_source == "multiview":
             data, spec = training_views(multiview, "(sources + target)")
@@ -117,6 +131,7 @@ class NVSGeNVSTrain:
             network=copy.deepcopy(TRAIN_NETWORKS[network]), data=spec, total_steps=steps, batch_size=batch_size,
             lr=float(learning_rate), lr_ratios=ratios, restart_steps=restart_steps,
             warmup_steps=WARMUP_STEPS, ema_decay=0.995, seed=int(seed), out_dir=run_dir,
+            source_reconstruction_steps=source_reconstruction_steps, lambda_rgb_first=float(source_view_rgb_weight),
             checkpoint_every=checkpoint_every, resume=bool(resume), device=str(device),
             reproduce=f"ComfyUI node NVSGeNVSTrain ({network})")
         terms = []
@@ -138,7 +153,9 @@ class NVSGeNVSTrain:
             parts = ", ".join(f"{k} {sum(t[k] for t in last) / len(last):.4f}"
                               for k in ("diffusion", "rgb", "opacity", "depth"))
             loss_text += f"\nterms: {parts}"
-        summary = (f"GeNVS training '{name}': {network}, {data_source} data, step {result.step}/{steps} "
+        warm = (f", first {source_reconstruction_steps} steps source-view reconstruction"
+                if source_reconstruction_steps else "")
+        summary = (f"GeNVS training '{name}': {network}, {data_source} data{warm}, step {result.step}/{steps} "
                    f"({len(terms)} this run, {result.seconds:.1f} s), batch {batch_size}, lr {learning_rate:g}, "
                    f"skipped non-finite steps {result.skipped}\nloss {loss_text}\nnetwork: {target}\n"
                    f"checkpoint: {result.state_path}\ncameras: relative to the first source (camera_frame auto)")

@@ -66,7 +66,14 @@ def test_colour_use_tells_a_colour_blind_encoder(tiny_model_path):
         last = model.input_unet.decoder.up_block3.conv.weight
         last[:, -3:] = last[:, -3:-2] * std[None, :, None, None]
     blind = demo.colour_use(model, evalset)
-    assert blind["volume_change"] < 1e-5
+    assert blind["volume_change"] < 1e-5 and blind["plane_chroma_r2"] < 0.5
+    # a volume that is a per-pixel linear map of the (normalised) RGB: every plane predicts the chroma
+    with torch.no_grad():
+        last.zero_()
+        model.input_unet.decoder.up_block3.conv.bias.zero_()
+        last[:, -3:, 1, 1] = torch.randn(last.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    linear = demo.colour_use(model, evalset)
+    assert linear["plane_chroma_r2"] > 0.99 and linear["volume_change"] > 0.1
 
 
 def test_cli_dispatch(tmp_path, tiny_model_path, monkeypatch):

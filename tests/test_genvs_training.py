@@ -224,10 +224,46 @@ def test_mask_term_pulls_opacity_to_the_object_mask(batch):
     assert T.view_source(no_masks, tiny_train_config()).sample(1, torch.Generator().manual_seed(0)).masks is None
 
 
+def test_source_reconstruction_steps_train_encoder_and_field_on_the_source_view_first(batch):
+    """Ours, off by default: the first N steps use the source-view reconstruction objective (the first
+    view's RGB render against that view; no diffusion, depth or novel-view term), so the denoiser does not
+    move; the published objective takes over from step N. The steps count in total_steps and the schedule."""
+    config = tiny_train_config(source_reconstruction_steps=2, total_steps=4, lambda_opacity=0.0)
+    warm = T.source_reconstruction_objective(config)
+    assert (warm.lambda_rgb_first, warm.lambda_rgb_other, warm.lambda_depth, warm.lambda_diffusion) == (1, 0, 0, 0)
+    model = T.build_network(config.network, 0)
+    draws = T.draw_step(config, model.config, batch, torch.Generator().manual_seed(1))
+    terms = T.genvs_loss(model, batch, draws, warm)
+    assert float(terms["diffusion"].detach()) == 0.0 and float(terms["depth"].detach()) == 0.0
+    torch.testing.assert_close(terms["loss"], terms["rgb"])
+    only_first = T.genvs_loss(model, batch, draws, T.TrainConfig.from_dict(
+        {**config.to_dict(), "lambda_rgb_other": 0.0, "lambda_rgb_first": 1.0}))
+    torch.testing.assert_close(terms["rgb"], only_first["rgb"])
+
+    seen = []
+    denoiser = list(T.build_network(config.network, config.seed).ddpm_pipeline.parameters())
+
+    def snapshot(info):
+        seen.append((info["terms"]["diffusion"], info["terms"]["depth"]))
+
+    result = T.train(config, callback=snapshot, data=FixedViews(batch))
+    assert [d for d, _ in seen[:2]] == [0.0, 0.0] and seen[2][0] != 0.0 and seen[3][0] != 0.0
+    assert [depth for _, depth in seen[:2]] == [0.0, 0.0]
+    # the raw network's denoiser moved only in the last two steps: train 2 steps and compare
+    two = T.train(tiny_train_config(source_reconstruction_steps=2, total_steps=2, lambda_opacity=0.0),
+                  data=FixedViews(batch))
+    for start, after in zip(denoiser, two.net.ddpm_pipeline.parameters()):
+        torch.testing.assert_close(start, after, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(denoiser, result.net.ddpm_pipeline.parameters()))
+    with pytest.raises(ValueError, match="source_reconstruction_steps"):
+        tiny_train_config(source_reconstruction_steps=-1)
+
+
 def test_cli_trains_and_records_command(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["--out", str(out), "--steps", "1", "--batch", "1", "--network", json.dumps(tiny_network()),
-            "--procedural", json.dumps({"samples_per_pixel": 1}), "--threads", "1", "--lambda-mask", "0.5"]
+            "--procedural", json.dumps({"samples_per_pixel": 1}), "--threads", "1", "--lambda-mask", "0.5",
+            "--source-reconstruction-steps", "1", "--lambda-rgb-first", "0.5"]
     assert T.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["steps"] == 1 and line["skipped"] == 0
@@ -235,3 +271,5 @@ def test_cli_trains_and_records_command(tmp_path, capsys):
     assert meta["meta"]["reproduce"].startswith("python -m nvs_core genvs-train --out ")
     assert meta["meta"]["training"]["data"]["samples_per_pixel"] == 1
     assert meta["meta"]["training"]["lambda_mask"] == 0.5
+    assert meta["meta"]["training"]["source_reconstruction_steps"] == 1
+    assert meta["meta"]["training"]["lambda_rgb_first"] == 0.5

@@ -1,4 +1,5 @@
 """NVS GeNVS Train on the tiny network: files the loader reads, resume, multiview data, bad inputs."""
+import json
 import math
 from importlib import import_module
 
@@ -61,6 +62,17 @@ def test_train_saves_a_loadable_model_and_resumes(train_dirs):
     check_resume_rules(_train, 0.002)
 
 
+def test_source_reconstruction_warm_up_reaches_the_recipe(train_dirs):
+    model, summary = _train(steps=2, source_reconstruction_steps=1, source_view_rgb_weight=1.0, output_name="warm")
+    assert "first 1 steps source-view reconstruction" in summary
+    meta = json.loads((train_dirs / "models" / "genvs" / "warm.json").read_text())["meta"]["training"]
+    assert meta["source_reconstruction_steps"] == 1 and meta["lambda_rgb_first"] == 1.0
+    _, plain = _train(steps=1, output_name="plain")
+    assert "source-view reconstruction" not in plain
+    plain_meta = json.loads((train_dirs / "models" / "genvs" / "plain.json").read_text())["meta"]["training"]
+    assert plain_meta["source_reconstruction_steps"] == 0 and plain_meta["lambda_rgb_first"] == 0.01
+
+
 def test_train_on_a_multiview_leaves_the_input_alone(train_dirs):
     _, views = _views()
     model, summary = _train(data_source="multiview", multiview=views, output_name="mv_run.safetensors", steps=1)
@@ -90,6 +102,8 @@ def test_progress_and_interrupt(train_dirs, monkeypatch):
 @pytest.mark.parametrize("kwargs, message", COMMON_BAD_INPUTS + [
     (dict(denoiser_lr_ratio=float("nan")), "denoiser_lr_ratio must be a finite number > 0"),
     (dict(restart_steps=0), "restart_steps must be an integer >= 1"),
+    (dict(source_reconstruction_steps=-1), "source_reconstruction_steps must be an integer >= 0"),
+    (dict(source_view_rgb_weight=float("inf")), "source_view_rgb_weight must be a finite number >= 0"),
 ])
 def test_train_bad_inputs(train_dirs, kwargs, message):
     with pytest.raises(ValueError, match=message):

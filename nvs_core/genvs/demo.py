@@ -138,16 +138,35 @@ def colour_use(model: GeNVS, evalset: EvalSet, count: int = 16) -> Dict[str, flo
     the first ``count`` source images' channels are cycled (RGB -> GBR, which keeps brightness patterns
     and moves every colour); 0 means a colour-blind encoder, whose render and samples can only guess the
     colours. Also the mean chroma (mean absolute deviation from the pixel's grey) of the source-view
-    render's RGB channels on opaque pixels, next to the same figure for the source images there."""
+    render's RGB channels on opaque pixels, next to the same figure for the source images there.
+    ``plane_chroma_r2``: how well a linear map from one depth plane's features (what a 3D point reads) predicts
+    the pixel's chroma (RGB minus its grey), fitted on the first half of the sources and scored (R^2) on the
+    rest, averaged over the planes; near 0 when the colours are absent where the field looks for them."""
     per = len(evalset.targets) // len(evalset.sources)
     count = min(count, len(evalset.sources))
     images = torch.cat([_unit(evalset.pairs.src[k * per:k * per + 1]) for k in range(count)])
     cycled = images[:, [1, 2, 0]]
-    plain, moved = model.encode(fit_images(torch.cat([images, cycled]), model.config.image_size)).chunk(2)
+    size = model.config.image_size
+    plain, moved = model.encode(fit_images(torch.cat([images, cycled]), size)).chunk(2)
     change = float((moved - plain).norm() / plain.norm().clamp_min(1e-12))
 
     def chroma(x: torch.Tensor) -> torch.Tensor:   # (..., 3)
         return (x - x.mean(-1, keepdim=True)).abs().mean(-1)
+
+    # volume rows are the image's flipped (the encoder's input is); planes are (features, depth)-major
+    pixels = torch.flip(fit_images(images, size), [-2]).permute(0, 2, 3, 1).double()
+    signed_chroma = (pixels - pixels.mean(-1, keepdim=True)).reshape(count, -1, 3)
+    depth = model.config.resolution_z
+    planes = plain.double().reshape(count, -1, depth, size * size)
+    half = max(1, count // 2)
+    scores = []
+    for d in range(depth):
+        feats = planes[:, :, d].transpose(1, 2)                                   # (count, pixels, features)
+        x = torch.cat([feats, torch.ones_like(feats[..., :1])], -1)
+        fit = torch.linalg.lstsq(x[:half].flatten(0, 1), signed_chroma[:half].flatten(0, 1)).solution
+        truth = signed_chroma[half:].flatten(0, 1)
+        residual = ((x[half:].flatten(0, 1) @ fit - truth) ** 2).sum()
+        scores.append(float(1 - residual / ((truth - truth.mean(0)) ** 2).sum().clamp_min(1e-12)))
 
     rendered, truth = [], []
     with model.mode(False):
@@ -162,7 +181,7 @@ def colour_use(model: GeNVS, evalset: EvalSet, count: int = 16) -> Dict[str, flo
             rendered.append(chroma(rgb[opaque]))
             truth.append(chroma(src_rgb[opaque]))
     rendered, truth = torch.cat(rendered), torch.cat(truth)
-    return {"volume_change": round(change, 4),
+    return {"volume_change": round(change, 4), "plane_chroma_r2": round(sum(scores) / len(scores), 3),
             "render_chroma": round(float(rendered.mean()) if rendered.numel() else 0.0, 4),
             "source_chroma": round(float(truth.mean()) if truth.numel() else 0.0, 4)}
 

@@ -15,6 +15,12 @@ GeNVS), per step on a batch of samples, each ``max_sources`` + 1 views of one sc
   rendered views (masks area-averaged to the render grid; the data must carry masks). Against the white
   background the field can explain a pixel's brightness with transparency instead of colour (bright
   object pixels at opacity 0.1-0.3, a grey render); the mask term removes that ambiguity;
+- ours, off by default (``source_reconstruction_steps`` 0): the first N steps train the encoder and the
+  field on the source-view reconstruction alone (``rgb`` with lambda_rgb_first 1 and lambda_rgb_other 0;
+  no diffusion, no depth term; the denoiser gets no gradient). It stands in for the published encoder's
+  ImageNet initialisation, which an offline pack cannot fetch: trained from scratch on the full objective
+  the encoder stays colour-blind (within any depth plane of the volume, the one a 3D point reads, the
+  sources' chroma is not even linearly decodable), while a few hundred reconstruction steps teach it colour;
 - diffusion: with probability ``no_cond_prob`` (0.1, per batch) the condition (the target render
   upsampled x2) is replaced by U[0, 1) noise; with probability 1 - ``diff_augmentation_prob`` (0.8;
   published ``random() > p``) target and condition get the same random affine augmentation (k-diffusion's
@@ -47,7 +53,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -143,6 +149,7 @@ class TrainConfig:
     lambda_depth: float = 1.0
     lambda_diffusion: float = 1.0
     lambda_mask: float = 0.0          # ours (see the module doc); needs masks in the data
+    source_reconstruction_steps: int = 0   # ours (see the module doc): encoder warm-up steps, counted in total_steps
     no_cond_prob: float = 0.1
     diff_augmentation_prob: float = 0.2
     aug_prob: float = 0.1
@@ -175,6 +182,8 @@ class TrainConfig:
             raise ValueError(f"restart_steps must be >= 1, got {self.restart_steps}")
         if not (math.isfinite(self.lambda_mask) and self.lambda_mask >= 0):
             raise ValueError(f"lambda_mask must be a finite number >= 0, got {self.lambda_mask}")
+        if self.source_reconstruction_steps < 0:
+            raise ValueError(f"source_reconstruction_steps must be >= 0, got {self.source_reconstruction_steps}")
 
     @property
     def genvs_config(self) -> GeNVSConfig:
@@ -193,6 +202,7 @@ class TrainConfig:
 RECIPE_FIELDS = ("network", "data", "max_sources", "normalize_first_view", "batch_size", "lr", "lr_ratios",
                  "weight_decay", "grad_clip", "restart_steps", "eta_min", "warmup_steps", "lambda_rgb_first",
                  "lambda_rgb_other", "lambda_opacity", "lambda_depth", "lambda_diffusion", "lambda_mask",
+                 "source_reconstruction_steps",
                  "no_cond_prob", "diff_augmentation_prob", "aug_prob", "input_noise_prob", "ema_decay", "force_finite",
                  "seed")
 
@@ -681,6 +691,12 @@ def train_step(model: GeNVS, optimizer: torch.optim.Optimizer, batch: ViewBatch,
     return out
 
 
+def source_reconstruction_objective(config: TrainConfig) -> TrainConfig:
+    """The objective of the first ``source_reconstruction_steps``: the first source view's RGB render
+    against that view, plus the configured opacity (and mask) terms; no diffusion, depth or novel-view term."""
+    return replace(config, lambda_rgb_first=1.0, lambda_rgb_other=0.0, lambda_depth=0.0, lambda_diffusion=0.0)
+
+
 def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[ProgressFactory] = None,
           callback: Optional[Callable[[Dict[str, Any]], None]] = None, data=None) -> TrainResult:
     """Train (or resume) a GeNVS network; see the module docstring for the objective.
@@ -713,6 +729,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
     desc = "GeNVS training"
     start = time.perf_counter()
     cfg = model.config
+    reconstruction = source_reconstruction_objective(config)
 
     def one_step(step: int) -> float:
         nonlocal skipped
@@ -720,7 +737,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]], progress: Optional[Progres
         batch = source.sample(config.batch_size, generator)
         draws = draw_step(config, cfg, batch, generator)
         lrs = set_learning_rates(optimizer, config, step)
-        terms = train_step(model, optimizer, batch.to(device), draws, config)
+        objective = reconstruction if step < config.source_reconstruction_steps else config
+        terms = train_step(model, optimizer, batch.to(device), draws, objective)
         skipped += int(terms["skipped"])
         step += 1
         ema.update(step)
@@ -768,6 +786,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay (default {d.ema_decay})")
     parser.add_argument("--lambda-mask", type=float, default=None,
                         help="weight of the opacity-vs-object-mask term (ours, not published; default 0 = off)")
+    parser.add_argument("--lambda-rgb-first", type=float, default=None,
+                        help=f"weight of the first source view's RGB-render MSE (published {d.lambda_rgb_first:g})")
+    parser.add_argument("--source-reconstruction-steps", type=int, default=None,
+                        help="first N steps train encoder + field on the source-view reconstruction only, a stand-in "
+                             "for the published ImageNet-initialised encoder (ours, not published; default 0 = off)")
     parser.add_argument("--folder", action="append", default=[], help="multi-view image folder (repeatable)")
     parser.add_argument("--srn", action="append", default=[], help="SRN cars_train instance folder (repeatable)")
     parser.add_argument("--procedural", default=None, help="JSON object of procedural data options merged over "
@@ -804,7 +827,8 @@ def config_from_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = N
             data["kind"] = "procedural"
     for key, name in (("total_steps", "steps"), ("batch_size", "batch"), ("lr", "lr"),
                       ("restart_steps", "restart_steps"), ("warmup_steps", "warmup_steps"),
-                      ("ema_decay", "ema_decay"), ("seed", "seed"), ("lambda_mask", "lambda_mask")):
+                      ("ema_decay", "ema_decay"), ("seed", "seed"), ("lambda_mask", "lambda_mask"), ("lambda_rgb_first", "lambda_rgb_first"),
+                      ("source_reconstruction_steps", "source_reconstruction_steps")):
         value = getattr(args, name)
         if value is not None:
             values[key] = value

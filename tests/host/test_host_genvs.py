@@ -1,4 +1,4 @@
-"""GeNVS inside a real ComfyUI: both example workflows through the HTTP API, with a tiny random model (and with
+"""GeNVS inside a real ComfyUI: the three example workflows through the HTTP API (training shrunk to the tiny network), with a tiny random model (and with
 the bundled demo model as shipped, when it is there); a bad camera reaches execution_error with our message."""
 import json
 from pathlib import Path
@@ -12,6 +12,7 @@ from tests.workflow_check import ui_to_api
 ROOT = Path(__file__).resolve().parents[2]
 NOVEL_VIEWS = ROOT / "workflows" / "genvs_novel_views.json"
 ORBIT = ROOT / "workflows" / "genvs_orbit.json"
+TRAIN = ROOT / "workflows" / "genvs_train_procedural.json"
 DEMO = ROOT / "models" / "demo" / "genvs_procedural.safetensors"
 TINY = "host-genvs-tiny.safetensors"
 NOT_GENVS = "host-vivid-in-genvs.safetensors"
@@ -111,3 +112,31 @@ def test_workflows_run_as_shipped_on_the_demo_model(comfy, workflow, frames):
     entry = comfy.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert len(_saved(comfy, entry, prompt, 32)) == frames
+
+
+def test_genvs_training_workflow_runs(comfy):
+    """The training workflow inside the host's inference mode, shrunk to the tiny network (with one
+    source-reconstruction step), then sampling an unseen object and metrics."""
+    import os
+
+    name = "host_test_tiny_genvs"
+    prompt = _prompt(TRAIN,
+                     NVSGeNVSTrain=dict(network="tiny 16px", steps=2, batch_size=2, output_name=name, resume=False,
+                                        source_reconstruction_steps=1),
+                     NVSCamera=dict(width=16, height=16), NVSOrbitCameras=dict(width=16, height=16, count=3),
+                     NVSGeNVSSampler=dict(steps=2))
+    try:
+        entry = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        outputs = entry["outputs"]
+        summary = outputs[_ids(prompt, "NVSGeNVSTrain")[0]]["text"][0]
+        assert "step 2/2" in summary and "first 1 steps source-view reconstruction" in summary
+        assert (comfy.output_dir / "nvs_genvs_training" / name / "training-state.safetensors").is_file()
+        saved = summary.split("network: ", 1)[1].splitlines()[0]
+        assert Path(saved).name == f"{name}.safetensors" and Path(saved).is_file()
+        assert "PSNR" in outputs[_ids(prompt, "NVSMetrics")[0]]["text"][0]
+    finally:  # the node saves into ComfyUI's own models/nvs/genvs/ (the first registered folder)
+        for model_dir in (Path(os.environ["COMFYUI_PATH"]) / "models" / "nvs" / "genvs",
+                          comfy.output_dir.parent / "models" / "nvs" / "genvs"):
+            for suffix in (".safetensors", ".json"):
+                (model_dir / f"{name}{suffix}").unlink(missing_ok=True)

@@ -76,7 +76,7 @@ DEMO_DATA: Dict[str, Any] = {"kind": "procedural", "elevation_deg": [5.0, 35.0],
 # standardised with statistics fitted to them. EDM2's schedule and power-function EMA do not depend
 # on the run's length, so the checkpoint after k steps of a longer run equals a k-step run.
 # Settings that are not listed are the TrainConfig defaults.
-DEMO_RECIPE: Dict[str, Any] = dict(data=DEMO_DATA, total_steps=10000, batch_size=16, ref_lr=0.01,
+DEMO_RECIPE: Dict[str, Any] = dict(data=DEMO_DATA, total_steps=14500, batch_size=16, ref_lr=0.01,
                                    lr_ref_steps=2000, lr_rampup_steps=100, seed=0, label_statistics="fitted")
 
 

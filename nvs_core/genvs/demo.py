@@ -145,16 +145,16 @@ def colour_use(model: GeNVS, evalset: EvalSet, count: int = 16) -> Dict[str, flo
     per = len(evalset.targets) // len(evalset.sources)
     count = min(count, len(evalset.sources))
     images = torch.cat([_unit(evalset.pairs.src[k * per:k * per + 1]) for k in range(count)])
-    cycled = images[:, [1, 2, 0]]
     size = model.config.image_size
-    plain, moved = model.encode(fit_images(torch.cat([images, cycled]), size)).chunk(2)
+    fitted = fit_images(images, size)   # a per-channel resize, so cycling after it is the same as before
+    plain, moved = model.encode(torch.cat([fitted, fitted[:, [1, 2, 0]]])).chunk(2)
     change = float((moved - plain).norm() / plain.norm().clamp_min(1e-12))
 
     def chroma(x: torch.Tensor) -> torch.Tensor:   # (..., 3)
         return (x - x.mean(-1, keepdim=True)).abs().mean(-1)
 
     # volume rows are the image's flipped (the encoder's input is); planes are (features, depth)-major
-    pixels = torch.flip(fit_images(images, size), [-2]).permute(0, 2, 3, 1).double()
+    pixels = torch.flip(fitted, [-2]).permute(0, 2, 3, 1).double()
     signed_chroma = (pixels - pixels.mean(-1, keepdim=True)).reshape(count, -1, 3)
     depth = model.config.resolution_z
     planes = plain.double().reshape(count, -1, depth, size * size)
